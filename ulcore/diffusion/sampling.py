@@ -107,3 +107,86 @@ def decode(decoder: torch.nn.Module, z0: Tensor, schedule: CosineLogSNR, *, nois
     lam = grid[-1].expand(x.shape[0])
     a, s = alpha_sigma(lam)
     return x_from_v(x, model(x, lam).float(), a, s).clamp(-1.0, 1.0)
+
+
+# --- UL generation and reconstruction (UL Alg. 2). `stage1` is anything with .encoder, .decoder, .prior and
+# .config (an exported Stage1Bundle or the training objective); `stage2` has .base and .config.
+
+
+@torch.no_grad()
+def reconstruct(stage1, x: Tensor, *, seed: int, steps: int, sampler: str = "ddim",
+                indices: Sequence[int] | None = None) -> Tensor:
+    """x -> z_clean -> z_0 = α₀ z_clean + σ₀ ε (per-sample ε) -> decoder sample, float in [-1, 1]."""
+    from ulcore.diffusion.losses import encode_noise
+    from ulcore.diffusion.schedule import decoder_schedule
+
+    m = stage1.config.model
+    idx = list(range(x.shape[0])) if indices is None else list(indices)
+    z_clean = stage1.encoder(x).float()
+    z0 = encode_noise(z_clean, m.logsnr_0, PerSampleNoise(z_clean.shape[1:], sample_seeds(seed, idx), x.device)())
+    noise_x = PerSampleNoise(x.shape[1:], sample_seeds(seed + 1, idx), x.device)
+    return decode(stage1.decoder, z0, decoder_schedule(m), noise=noise_x, steps=steps, sampler=sampler)
+
+
+def image_shape(config) -> tuple[int, ...]:
+    m, r = config.model, config.data.resolution
+    return (m.in_channels, r, r) if m.frames == 1 else (m.in_channels, m.frames, r, r)
+
+
+def latent_shape(config) -> tuple[int, ...]:
+    m = config.model
+    h = config.data.resolution // m.downsample
+    return (m.latent_channels, h, h) if m.frames == 1 else (m.latent_channels, m.frames // m.temporal_downsample, h, h)
+
+
+@torch.no_grad()
+def sample_prior(stage1, n: int, *, seed: int, steps: int, sampler: str = "ddim") -> Tensor:
+    """z_0 from the stage-1 prior, unconditional (a monitoring view: stage 2 is the generator)."""
+    from ulcore.diffusion.schedule import latent_schedule
+
+    noise = PerSampleNoise(latent_shape(stage1.config), sample_seeds(seed, range(n)))
+    return SAMPLERS[sampler](stage1.prior, noise(-1), logsnr_grid(latent_schedule(stage1.config.model), steps), noise)
+
+
+@torch.no_grad()
+def generate(stage1, stage2, labels: Tensor, *, seed: int, sampler: str = "ddim", base_steps: int = 64,
+             decoder_steps: int = 64, guidance: float = 1.0, guidance_interval: Sequence[float] = (-30.0, 30.0),
+             indices: Sequence[int] | None = None) -> Tensor:
+    """Base model z_1 ~ N(0, I) -> z_0 at λ(0) (guided), then the decoder x_1 -> x given z_0 (UL Alg. 2)."""
+    from ulcore.diffusion.schedule import decoder_schedule, latent_schedule
+
+    m = stage2.config.model
+    idx = list(range(labels.shape[0])) if indices is None else list(indices)
+    noise = PerSampleNoise(latent_shape(stage2.config), sample_seeds(seed, idx), labels.device)
+    model = guided(stage2.base, labels, m.num_classes, guidance, guidance_interval)
+    z0 = SAMPLERS[sampler](model, noise(-1), logsnr_grid(latent_schedule(m), base_steps), noise)
+    noise_x = PerSampleNoise(image_shape(stage1.config), sample_seeds(seed + 1, idx), labels.device)
+    return decode(stage1.decoder, z0, decoder_schedule(stage1.config.model), noise=noise_x, steps=decoder_steps,
+                  sampler=sampler)
+
+
+@torch.no_grad()
+def elbo_bits_per_pixel(net: VelocityFn, z_clean: Tensor, config, *, seed: int, draws: int = 4) -> Tensor:
+    """Per-example unweighted diffusion ELBO down to λ(0), in bits per pixel, averaged over `draws`."""
+    from ulcore.diffusion.losses import bits_per_pixel, diffusion_elbo
+    from ulcore.diffusion.schedule import latent_schedule, stratified_times
+
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(z_clean.shape[0])
+    for _ in range(draws):
+        t = stratified_times(z_clean.shape[0], gen)
+        eps = torch.randn(z_clean.shape, generator=gen)
+        total += diffusion_elbo(net, z_clean, t, eps, latent_schedule(config.model)).total.cpu()
+    pixels = config.data.resolution**2 * config.model.frames
+    return bits_per_pixel(total / draws, pixels)
+
+
+def prior_bits_per_pixel(stage1, x: Tensor, *, seed: int, draws: int = 4) -> Tensor:
+    """Stage-1 bitrate bound L_z / (ln 2 · H·W) on images x (UL §4.4)."""
+    return elbo_bits_per_pixel(stage1.prior, stage1.encoder(x).float(), stage1.config, seed=seed, draws=draws)
+
+
+def base_bits_per_pixel(stage1, stage2, x: Tensor, labels: Tensor, *, seed: int, draws: int = 4) -> Tensor:
+    """The base model's ELBO on the same latents: the second, usually tighter, bitrate estimate (UL Table 5)."""
+    net = lambda z, lam: stage2.base(z, lam, labels)  # noqa: E731 - a closure over the labels
+    return elbo_bits_per_pixel(net, stage1.encoder(x).float(), stage1.config, seed=seed, draws=draws)

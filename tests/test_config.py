@@ -1,0 +1,83 @@
+"""Typed params: resolution order, presets, and one clear message per kind of invalid value."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ulcore.config import PRESETS, ConfigError, config_from_dict, load_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_project_params_file_resolves_to_the_tiny_preset():
+    cfg = load_config(ROOT / "params.yaml")
+    assert cfg.preset == "tiny" and cfg.model.logsnr_0 == 5.0 and cfg.data.source == "embedded"
+    assert cfg.data.resolution % cfg.model.downsample == 0
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates_and_round_trips(preset, tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"preset": preset, "data": {"root": "/raw"}}))
+    cfg = load_config(path)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_resolution_order_file_then_overrides(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"preset": "imagenet512", "data": {"root": "s3://b/imagenet"},
+                                    "stage1": {"loss_factor": 1.7}}))
+    cfg = load_config(path, ["stage1.loss_factor=2.1", "model.logsnr_0=4"])
+    assert cfg.stage1.loss_factor == 2.1 and cfg.model.logsnr_0 == 4.0
+    assert cfg.model.latent_channels == 32 and cfg.data.resolution == 512  # from the preset
+    assert cfg.stage1.decoder_bias == -3.0
+
+
+@pytest.mark.parametrize("override,fragment", [
+    (["model.logsnr_0=99"], "model.logsnr_0 = 99.0: must lie inside the latent schedule's range"),
+    (["model.logsnr_0=-20"], "model.logsnr_0 = -20.0"),
+    (["stage1.loss_factor=0"], "stage1.loss_factor = 0.0: must be > 0"),
+    (["stage1.loss_factor=abc"], "stage1.loss_factor = 'abc': expected a number"),
+    (["data.resolution=34"], "data.resolution = 34: must be divisible by the encoder's downsampling factor 4"),
+    (["stage1.nope=1"], "stage1.nope: unknown key"),
+    (["nosection.key=1"], "unknown section 'nosection'"),
+    (["data.source=cifar"], "data.source = 'cifar': must be one of"),
+    (["stage1.log_every_samples=100"], "stage1.log_every_samples = 100: must be a non-negative multiple of"),
+    (["ray.num_workers=3"], "stage1.batch_size = 64: must be divisible by ray.num_workers = 3"),
+    (["model.encoder_channels=5"], "model.encoder_channels = 5: expected a list of int"),
+    (["data.random_flip=1"], "data.random_flip = 1: expected true or false"),
+    (["loss_factor"], "expected section.key=value"),
+])
+def test_invalid_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "params.yaml", override)
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_in_params_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model:\n  logsnr0: 5\n")
+    with pytest.raises(ConfigError, match=r"model.logsnr0: unknown key; allowed keys in \[model\]: logsnr_0"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "ulcore.cli", "config", "--set", "model.logsnr_0=99"],
+    ["-m", "ulcore.cli", "sample", "--set", "stage1.loss_factor=-1"],
+])
+def test_entry_points_fail_fast_with_the_key_named(argv, tmp_path):
+    proc = subprocess.run([sys.executable, *argv, "--params", str(ROOT / "params.yaml")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "error: invalid params:" in proc.stderr and ("model.logsnr_0" in proc.stderr or "loss_factor" in proc.stderr)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_config_command_prints_resolved_yaml(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ulcore.cli", "config", "--params", str(ROOT / "params.yaml"),
+                           "--set", "stage1.loss_factor=1.7"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["stage1"]["loss_factor"] == 1.7 and resolved["model"]["logsnr_0"] == 5.0

@@ -1,0 +1,119 @@
+"""The pre-encode pass: the frozen EMA encoder over every image shard -> latent shards (UL §3.3).
+
+One Ray task per shard (a GPU each when ray.use_gpu), idempotent per shard: a latent shard whose stats name the
+same encoder and the same input shard is kept. Latent shards hold `z_clean` as float16 `.npy` plus `.cls`;
+data/latents/stats.json holds per-channel mean and std over the training split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ulcore import storage
+from ulcore.config import Config, config_from_dict
+from ulcore.data import loaders
+from ulcore.data.shards import list_shards, read_stats, write_shard
+from ulcore.train.export import load_stage1, stage1_root
+
+
+def latents_root(cfg: Config) -> str:
+    return storage.join(cfg.storage.root, "data", "latents")
+
+
+def encoder_digest(cfg: Config) -> str:
+    """Identity of the exported encoder (stage 1 writes done.json with its run digest)."""
+    uri = storage.join(stage1_root(cfg), "done.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} not found: run the stage1 stage first (python -m flows.stage1)")
+    return storage.read_json(uri)["digest"]
+
+
+def _shard_digest(shard_uri: str) -> str:
+    stats = read_stats(shard_uri) or {}
+    return hashlib.sha256(repr(sorted(stats.items())).encode()).hexdigest()[:16]
+
+
+def encode_shard(shard_uri: str, out_uri: str, cfg_dict: dict[str, Any], env: dict[str, str],
+                 encoder_id: str) -> dict[str, Any]:
+    """One Ray task: encode every sample of one image shard; returns per-channel sums for the statistics."""
+    os.environ.update(env)
+    cfg = config_from_dict(cfg_dict)
+    source = _shard_digest(shard_uri)
+    done = read_stats(out_uri)
+    if done and done.get("encoder") == encoder_id and done.get("source_digest") == source:
+        return {**done, "skipped": True}
+    device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    stage1 = load_stage1(stage1_root(cfg))
+    encoder = stage1.encoder.to(device)
+    sums: dict[str, Any] = {}
+
+    def samples():
+        channel_sum = channel_sq = None
+        count = 0
+        for batch in loaders.eval_batches([shard_uri], batch_size=cfg.encode.batch_size, kind="images"):
+            with torch.inference_mode():
+                z = encoder(loaders.to_float(batch["x"]).to(device)).float().cpu()
+            dims = [0] + list(range(2, z.ndim))
+            channel_sum = z.sum(dims).double() + (0 if channel_sum is None else channel_sum)
+            channel_sq = (z.double() ** 2).sum(dims) + (0 if channel_sq is None else channel_sq)
+            count += z.numel() // z.shape[1]
+            for key, zi, cls in zip(batch["key"], z.numpy().astype(np.float16), batch["cls"].tolist(), strict=True):
+                yield {"__key__": key, "npy": zi, "cls": int(cls)}
+        sums.update(count=count, sum=(channel_sum.tolist() if count else []), sumsq=(channel_sq.tolist() if count else []))
+
+    extra = {"encoder": encoder_id, "source": shard_uri, "source_digest": source, "channel_stats": sums}
+    return write_shard(out_uri, samples(), extra)
+
+
+def latent_statistics(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine per-shard channel sums into mean and std per latent channel."""
+    parts = [r["channel_stats"] for r in results if r.get("channel_stats", {}).get("count")]
+    if not parts:
+        return {"count": 0, "mean": [], "std": []}
+    count = sum(p["count"] for p in parts)
+    total = np.sum([p["sum"] for p in parts], axis=0)
+    total_sq = np.sum([p["sumsq"] for p in parts], axis=0)
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"count": int(count), "mean": mean.tolist(), "std": std.tolist(), "overall_std": float(np.sqrt(
+        max(total_sq.sum() / (count * len(mean)) - (total.sum() / (count * len(mean))) ** 2, 0.0)))}
+
+
+def run_encode(cfg: Config) -> dict[str, Any]:
+    """The `encode` stage: latent shards for every split, then data/latents/stats.json."""
+    import ray
+
+    from ulcore.data.ray_init import ensure_ray
+
+    encoder_id = encoder_digest(cfg)
+    shards_root = storage.join(cfg.storage.root, "data", "shards")
+    jobs = []
+    for split in cfg.data.splits:
+        for shard in list_shards(storage.join(shards_root, split), split):
+            jobs.append((shard, storage.join(latents_root(cfg), split, os.path.basename(shard)), split))
+    if not jobs:
+        raise FileNotFoundError(f"no finished image shards under {shards_root}: run the shard stage first")
+    ensure_ray(cfg.ray)
+    task = ray.remote(encode_shard).options(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=2,
+                                            retry_exceptions=True)
+    cfg_dict, env = cfg.to_dict(), storage.s3_env()
+    results = ray.get([task.remote(src, dst, cfg_dict, env, encoder_id) for src, dst, _ in jobs])
+    train = [r for r, (_, _, split) in zip(results, jobs, strict=True) if split == cfg.data.splits[0]]
+    stats = {"encoder": encoder_id, "splits": {}, "train_channels": latent_statistics(train)}
+    for (_, dst, split), r in zip(jobs, results, strict=True):
+        entry = stats["splits"].setdefault(split, {"shards": 0, "samples": 0})
+        entry["shards"] += 1
+        entry["samples"] += r["samples"]
+    stats_uri = storage.join(latents_root(cfg), "stats.json")
+    storage.write_json(stats_uri, stats)
+    skipped = sum(bool(r.get("skipped")) for r in results)
+    rows = "\n".join(f"| {s} | {v['shards']} | {v['samples']} |" for s, v in stats["splits"].items())
+    return {"latents": latents_root(cfg), "stats": stats, "shards_written": len(results) - skipped,
+            "shards_skipped": skipped,
+            "markdown": f"## encode\n\n| split | shards | samples |\n|---|---|---|\n{rows}\n\n"
+                        f"latent std (train): {stats['train_channels'].get('overall_std', float('nan')):.4g}"}

@@ -1,0 +1,264 @@
+"""One trainer for both stages: a Ray Train TorchTrainer worker loop (DDP: gloo on CPU, NCCL on GPU).
+
+A stage is a `StageSpec` (what to build, which data, how to monitor and export); everything else — AdamW with
+warm-up, gradient clipping, EMA, the NaN/Inf guard, progress in samples seen, checkpoints and resume — lives here
+once. Resume is rerunning the same command: Ray restores in-run worker failures (FailureConfig), and a fresh
+driver finds the latest checkpoint whose config digest matches (checkpoint.latest_checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ulcore import storage, tracking
+from ulcore.config import Config, TrainConfig, config_from_dict
+from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
+from ulcore.train.ema import EMA
+from ulcore.train.precision import autocast, resolve_precision
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What makes a training stage different from another; the loop below is shared."""
+
+    name: str  # "stage1" | "stage2": also the params section with the TrainConfig
+    build: Callable[[Config], nn.Module]  # the objective: forward(batch, generator) -> dict of per-example terms
+    batches: Callable[[Config, int, int, int, int], Iterator[Batch]]  # (cfg, per-rank batch, rank, world, seed)
+    monitor: Callable[[Config, nn.Module, int, str, str], dict[str, float]]  # rank 0, EMA objective -> metrics
+    sections: tuple[str, ...]  # params sections whose change invalidates checkpoints and exports
+
+    def train_config(self, cfg: Config) -> TrainConfig:
+        return getattr(cfg, self.name)
+
+
+def stage_spec(name: str) -> StageSpec:
+    """Look a spec up by name (workers receive names, not closures)."""
+    return importlib.import_module(f"ulcore.train.{name}").SPEC
+
+
+def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
+    """Identity of a training run: the sections it depends on plus a digest of its input data."""
+    import hashlib
+    import json
+
+    relevant = {s: cfg.to_dict()[s] for s in spec.sections}
+    text = json.dumps({"params": relevant, "inputs": inputs_digest}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def lr_at(samples: int, t: TrainConfig) -> float:
+    """Linear warm-up to the peak LR over `warmup_samples`, then constant (edm2 keeps LR flat for short runs)."""
+    if t.warmup_samples == 0:
+        return 1.0
+    return min(1.0, (samples + t.batch_size) / t.warmup_samples)
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Per-step randomness from (seed, rank, step): identical after a resume, distinct across ranks."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """Every rank must agree to skip a step, or DDP's all-reduce would deadlock."""
+    flag = torch.tensor([float(torch.isfinite(loss).all())], device=loss.device)
+    if world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+def _status(stage: str, samples: int, total: int, metrics: dict[str, float], rate: float) -> str:
+    """One status line with a progress bar, printed by rank 0 and forwarded to the driver by Ray."""
+    frac = samples / total
+    bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
+    eta = (total - samples) / rate if rate > 0 else float("nan")
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "bits_per_pixel", "psnr"))
+    return f"[{stage}] [{bar}] {samples}/{total} samples {rate:.0f}/s eta {eta:.0f}s {shown}"
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: build, restore, train to `total_samples`, report metrics and checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(loop_config["config"])
+    spec = stage_spec(loop_config["stage"])
+    t = spec.train_config(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(t.precision, device)
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    objective = spec.build(cfg).to(device)
+    ema = EMA(objective, t.ema_halflife_samples)
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    progress = Progress(samples=0, step=0)
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_uri = loop_config.get("resume_from")
+    if checkpoint is not None or resume_uri:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(checkpoint.to_directory(tmp)) if checkpoint is not None else materialize(resume_uri, Path(tmp))
+            state = load_state(folder)
+        objective.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        progress = Progress(samples=int(state["samples"]), step=int(state["step"]), bad_steps=int(state["bad_steps"]))
+        if rank == 0:
+            print(f"[{spec.name}] resumed at {progress.samples} samples (step {progress.step})", flush=True)
+
+    model = ray.train.torch.prepare_model(objective) if world > 1 else objective
+    per_rank = t.batch_size // world
+    data_seed = (t.seed * 1_000_003 + progress.samples) % 2**31  # a fresh, reproducible stream after each resume
+    batches = spec.batches(cfg, per_rank, rank, world, data_seed)
+    run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+    sums: dict[str, float] = {}
+    count, tic = 0, time.perf_counter()
+    while progress.samples < t.total_samples:
+        batch = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * lr_at(progress.samples, t)
+        gen = step_generator(t.seed, rank, progress.step)
+        with autocast(precision, device):
+            terms = model({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, gen)
+        loss = terms["loss"].mean()
+        if not _all_finite(loss, world):
+            progress = Progress(progress.samples + t.batch_size, progress.step + 1, progress.bad_steps + 1)
+            if rank == 0:
+                print(f"[{spec.name}] non-finite loss at step {progress.step}: skipped "
+                      f"({progress.bad_steps}/{t.max_bad_steps})", flush=True)
+            if progress.bad_steps >= t.max_bad_steps:
+                raise FloatingPointError(f"{spec.name}: {progress.bad_steps} consecutive non-finite losses; "
+                                         f"lower {spec.name}.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (nn.utils.clip_grad_norm_(objective.parameters(), t.grad_clip) if t.grad_clip > 0
+                     else torch.tensor(0.0))
+        optimizer.step()
+        scheduler.step()
+        ema.update(objective, t.batch_size)
+        progress = Progress(progress.samples + t.batch_size, progress.step + 1, 0)
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach().float().mean())
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        count += 1
+
+        at_log = progress.samples % t.log_every_samples == 0 or progress.samples >= t.total_samples
+        at_ckpt = progress.samples % t.ckpt_every_samples == 0 or progress.samples >= t.total_samples
+        if not (at_log or at_ckpt):
+            continue
+        rate = count * t.batch_size / max(time.perf_counter() - tic, 1e-9)
+        metrics = {k: v / max(count, 1) for k, v in sums.items()}
+        metrics.update(samples=progress.samples, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate)
+        if at_ckpt and rank == 0:
+            metrics.update(spec.monitor(cfg, ema.module, progress.samples, run_id, uri))
+        if rank == 0:
+            print(_status(spec.name, progress.samples, t.total_samples, metrics, rate), flush=True)
+            if run_id:
+                tracking.log_metrics(run_id, metrics, step=progress.samples, tracking_uri=uri)
+        sums, count, tic = {}, 0, time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if at_ckpt and rank == 0:
+                save_state(Path(tmp), model=objective, ema=ema.module, optimizer=optimizer, scheduler=scheduler,
+                           progress=progress, config_yaml=cfg.to_yaml(), digest=loop_config["digest"])
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Path:
+    """Driver side: start (or join) Ray, run the TorchTrainer, and return a local copy of the final state.pt."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ulcore.data.ray_init import ensure_ray
+
+    ensure_ray(cfg.ray)
+    t = spec.train_config(cfg)
+    ckpt_root = storage.join(cfg.storage.root, "checkpoints")
+    run_name = f"{spec.name}-{digest}"
+    storage_path = ckpt_root if storage.is_s3(ckpt_root) else str(Path(ckpt_root).resolve())
+    resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
+    local = Path(tempfile.mkdtemp(prefix=f"ul-{spec.name}-final-"))
+    if resume_from:
+        done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
+        print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}", flush=True)
+        if done:
+            return materialize(resume_from, local)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest, "resume_from": resume_from,
+                           "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{spec.name}: training finished without a checkpoint under {storage_path}/{run_name}")
+    return Path(result.checkpoint.to_directory(str(local)))
+
+
+
+def input_digest(uri: str, what: str) -> str:
+    """Content hash of a stage's input manifest; a clear error when the upstream stage has not run."""
+    import hashlib
+
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} not found: run the {what} stage first (python -m flows.{what})")
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+
+
+def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
+                       export: Callable[[Config, nn.Module], dict[str, nn.Module]]) -> dict[str, Any]:
+    """Shared driver of stage 1 and stage 2: skip when up to date, else train, export the EMA nets, write
+    metrics/<stage>.json, and register the models in MLflow under the configured alias."""
+    from ulcore.train.export import export_modules
+
+    digest = run_digest(cfg, spec, inputs)
+    out = storage.join(cfg.storage.root, "models", spec.name)
+    metrics_uri = storage.join(cfg.storage.root, "metrics", f"{spec.name}.json")
+    done_uri = storage.join(out, "done.json")
+    if storage.exists(done_uri) and storage.read_json(done_uri).get("digest") == digest and storage.exists(metrics_uri):
+        print(f"[{spec.name}] up to date ({out}, digest {digest}): nothing to do", flush=True)
+        return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
+    with tracking.stage_run(cfg, spec.name) as run_id:
+        started = time.perf_counter()
+        final = fit(cfg, spec, digest=digest, run_id=run_id)
+        state = load_state(final)
+        ema = spec.build(cfg)
+        ema.load_state_dict(state["ema"])
+        ema.eval()
+        metrics = spec.monitor(cfg, ema, int(state["samples"]), run_id, tracking.tracking_uri(cfg))
+        metrics.update(samples=int(state["samples"]), steps=int(state["step"]),
+                       wall_seconds=time.perf_counter() - started)
+        tracking.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()}, step=int(state["samples"]))
+        files = export_modules(export(cfg, ema), cfg, out)
+        versions = {name: tracking.register_model(run_id, f"{cfg.tracking.model_prefix}-{name}",
+                                                  {"weights": path}, cfg.tracking.alias, cfg.to_yaml())
+                    for name, path in files.items()}
+        metrics_doc = {**metrics, "digest": digest, "mlflow_run_id": run_id}
+        storage.write_json(metrics_uri, metrics_doc)
+        storage.write_json(done_uri, {"digest": digest, "mlflow_run_id": run_id, "registered": versions})
+    table = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float))
+    return {"skipped": False, "models": out, "metrics": metrics_doc, "mlflow_run_id": run_id,
+            "markdown": f"## {spec.name}\n\n| metric | value |\n|---|---|\n{table}\n\nModels: `{out}`"}
