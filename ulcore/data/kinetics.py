@@ -1,0 +1,145 @@
+"""The Kinetics(-600) source: listing annotation CSVs against the clips on disk, one clip -> one video sample.
+
+Layout (local folder or s3:// prefix), names configurable because releases differ (`val` vs `validate`):
+    annotations/<video.annotations[split]>         CSV: label,youtube_id,time_start,time_end,split
+    videos/<video.video_dirs[split]>/<youtube_id>_<start:06d>_<end:06d>.<mp4|webm|mkv|...>
+
+Class index = position in the sorted set of labels over every configured annotation file, so train and val agree
+whichever splits one run shards. Real downloads miss many listed clips; those are rejected as `missing` at
+listing time, never silently dropped. Clips are cut from their start: Kinetics clips are already the 10 s around
+the labelled action.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+
+import numpy as np
+
+from ulcore import storage
+from ulcore.config import Config
+from ulcore.data.shards import Item, SampleError, safe_key
+from ulcore.data.video import decode_clip, encode_mp4
+
+COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+EXT_PREFERENCE = (".mp4", ".webm", ".mkv")  # when a clip exists in several containers, take the first
+
+
+def annotation_uri(root: str, cfg: Config, split: str) -> str:
+    if split not in cfg.video.annotations:
+        raise ValueError(f"video.annotations has no entry for split {split!r} (have: {sorted(cfg.video.annotations)})")
+    return storage.join(root, "annotations", cfg.video.annotations[split])
+
+
+def read_rows(uri: str) -> list[dict[str, str]]:
+    """Annotation rows; labels keep their spaces, parentheses and quotes (the csv module handles quoting)."""
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: annotation file not found (see video.annotations)") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{uri}: missing columns {missing}; expected {','.join(COLUMNS)},split")
+    return list(reader)
+
+
+def read_classes(root: str, cfg: Config) -> list[str]:
+    labels: set[str] = set()
+    for split in sorted(cfg.video.annotations):
+        uri = annotation_uri(root, cfg, split)
+        if storage.exists(uri):
+            labels.update(r["label"].strip() for r in read_rows(uri) if (r["label"] or "").strip())
+    if not labels:
+        raise ValueError(f"{storage.join(root, 'annotations')}: no labelled rows in any of "
+                         f"{sorted(cfg.video.annotations.values())}")
+    return sorted(labels)
+
+
+def clip_stem(youtube_id: str, start: str, end: str) -> str:
+    """`<youtube_id>_<start:06d>_<end:06d>` as the Kinetics download scripts name clips."""
+    return f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"
+
+
+def list_split(root: str, cfg: Config, split: str, classes: list[str]) -> tuple[list[Item], list[dict]]:
+    """Items sorted by key and the rows rejected while listing (no label, unknown label, missing clip, bad row)."""
+    ann = annotation_uri(root, cfg, split)
+    if split not in cfg.video.video_dirs:
+        raise ValueError(f"video.video_dirs has no entry for split {split!r} (have: {sorted(cfg.video.video_dirs)})")
+    folder = storage.join(root, "videos", cfg.video.video_dirs[split])
+    on_disk: dict[str, str] = {}
+    rank = {ext: i for i, ext in enumerate(EXT_PREFERENCE)}
+    for uri in storage.list_uris(folder):
+        stem, ext = os.path.splitext(os.path.basename(uri))
+        best = on_disk.get(stem)
+        if best is None or rank.get(ext.lower(), 99) < rank.get(os.path.splitext(best)[1].lower(), 99):
+            on_disk[stem] = uri
+    index = {label: i for i, label in enumerate(classes)}
+    items: dict[str, Item] = {}
+    rejects: list[dict] = []
+    per_class: dict[int, int] = {}
+    for number, row in enumerate(read_rows(ann), 2):  # line 1 is the header
+        where = f"{ann}:{number}"
+        try:
+            stem = clip_stem(row["youtube_id"].strip(), row["time_start"], row["time_end"])
+        except (ValueError, TypeError, AttributeError):
+            rejects.append({"path": where, "reason": "bad_row", "detail": f"unreadable times in {row}"})
+            continue
+        label = (row["label"] or "").strip()
+        expected = storage.join(folder, stem + ".mp4")
+        if not label:
+            rejects.append({"path": expected, "reason": "unlabelled", "detail": f"{where}: empty label"})
+            continue
+        if label not in index:
+            rejects.append({"path": expected, "reason": "unknown_class", "detail": f"{where}: label {label!r}"})
+            continue
+        key = safe_key(stem)
+        if key in items:
+            rejects.append({"path": expected, "reason": "duplicate_key", "detail": f"{where}: row repeats {stem}"})
+            continue
+        if stem not in on_disk:
+            rejects.append({"path": expected, "reason": "missing", "detail": f"{where}: no {stem}.* in {folder}"})
+            continue
+        meta = (("source", on_disk[stem][len(root):].lstrip("/")), ("label", label),
+                ("youtube_id", row["youtube_id"].strip()), ("time_start", int(float(row["time_start"]))),
+                ("time_end", int(float(row["time_end"]))))
+        items[key] = Item(key, on_disk[stem], index[label], meta)
+    kept = []
+    for key in sorted(items):
+        cls = items[key].cls
+        if cfg.data.max_per_class and per_class.get(cls, 0) >= cfg.data.max_per_class:
+            continue
+        per_class[cls] = per_class.get(cls, 0) + 1
+        kept.append(items[key])
+    return kept, rejects
+
+
+def make_sample(item: Item, *, cfg: Config) -> dict:
+    """One clip -> {__key__, npy|mp4, cls, json} at video.fps / data.resolution / video.frames, or SampleError."""
+    v, r = cfg.video, cfg.data.resolution
+    with tempfile.TemporaryDirectory(prefix="ul-clip-") as tmp:
+        path = item.uri
+        if storage.is_s3(item.uri):  # ffmpeg needs a seekable file: an mp4's index may sit at its end
+            path = os.path.join(tmp, "clip" + os.path.splitext(item.uri)[1])
+            try:
+                storage.download_file(item.uri, path)
+            except FileNotFoundError as exc:
+                raise SampleError("missing", f"{item.uri}: object vanished after listing") from exc
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError as exc:
+            raise SampleError("missing", f"{item.uri}: file vanished after listing") from exc
+        if size == 0:
+            raise SampleError("empty", f"{item.uri}: zero bytes")
+        frames = decode_clip(path, fps=v.fps, resolution=r, frames=v.frames, timeout_s=v.ffmpeg_timeout_s)
+    info = {**item.info(), "shape": [v.frames, r, r], "fps": v.fps, "bytes": size}
+    if v.clip_format == "npy":
+        return {"__key__": item.key, "npy": np.ascontiguousarray(frames), "cls": item.cls, "json": info}
+    payload = encode_mp4(frames, fps=v.fps, timeout_s=v.ffmpeg_timeout_s)
+    return {"__key__": item.key, "mp4": payload, "cls": item.cls, "json": info}
+
+
+__all__ = ["COLUMNS", "annotation_uri", "read_rows", "read_classes", "clip_stem", "list_split", "make_sample"]
