@@ -149,7 +149,7 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = sqlite:///<storage.root>/mlflow.db
     experiment: str = "unified-latents"
     model_prefix: str = "ul"  # registered model names: <prefix>-encoder, -decoder, -prior, -base
-    alias: str = "latest"  # registry alias set on every new version
+    alias: str = "champion"  # registry alias set on every new version ("latest" is reserved by MLflow)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    ray.init(num_cpus=ray_cfg.num_cpus or None, include_dashboard=False,
+    ray.init(num_cpus=ray_cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
     log.info("started a local Ray cluster: %s", ray.cluster_resources())
 

@@ -8,6 +8,7 @@ driver finds the latest checkpoint whose config digest matches (checkpoint.lates
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import tempfile
 import time
@@ -92,6 +93,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = config_from_dict(loop_config["config"])
+    if not storage.is_s3(cfg.storage.root):  # Ray workers run in their own folder: resolve against the driver's
+        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
+            cfg.storage, root=str(Path(loop_config["driver_cwd"], cfg.storage.root).resolve())))
     spec = stage_spec(loop_config["stage"])
     t = spec.train_config(cfg)
     ctx = ray.train.get_context()
@@ -203,7 +207,8 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Pat
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest, "resume_from": resume_from,
-                           "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(cfg)},
+                           "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(cfg),
+                           "driver_cwd": str(Path.cwd())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),

@@ -1,0 +1,97 @@
+"""The Prefect <-> DVC contract (DESIGN.md §3): after the `ul` flow finishes, `dvc status` is clean.
+
+A stage run through Prefect executes the same code `dvc repro` would; afterwards the flow records what it
+produced with `dvc commit -f <stage>` (hashes deps, params and outs into dvc.lock and the DVC cache) and, at the
+end, `dvc push`es when a remote is configured. Recording is honest only when DVC would have run the same thing,
+so it happens only when:
+- the working directory is inside a DVC repository whose dvc.yaml defines the stage,
+- the run's resolved config equals the one DVC sees (`params.yaml` with no overrides, by digest),
+- `storage.root` is that repository's root (DVC outs are the repo-relative data/, models/, metrics/ ...),
+- and we are not ourselves a command run by `dvc repro` (DVC records those; it also holds the repo lock).
+Otherwise recording is skipped with a message saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ulcore.config import Config, ConfigError, load_config
+
+DVC_TIMEOUT_S = 600
+
+
+def dvc_root(start: Path | None = None) -> Path | None:
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def dvc(root: Path, *args: str, timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run the DVC CLI of this interpreter's environment in `root`."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def recording_blocker(cfg: Config, stages: list[str]) -> tuple[Path | None, str]:
+    """(DVC root, "") when versions can be recorded for `stages`, else (None, the reason)."""
+    if os.environ.get("DVC_STAGE"):
+        return None, "running under `dvc repro`, which records versions itself"
+    root = dvc_root()
+    if root is None:
+        return None, "not inside a DVC repository (run `dvc init` at the repo root to version the outputs)"
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return None, f"no dvc.yaml in {root}"
+    defined = set((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}))
+    missing = [s for s in stages if s not in defined]
+    if missing:
+        return None, f"dvc.yaml does not define {', '.join(missing)}"
+    if cfg.storage.root.startswith("s3://") or Path(cfg.storage.root).resolve() != root:
+        return None, f"storage.root {cfg.storage.root!r} is not the DVC repository root {root}"
+    try:
+        seen_by_dvc = load_config(root / "params.yaml", [])
+    except ConfigError as exc:
+        return None, f"params.yaml as DVC sees it is invalid ({exc})"
+    if seen_by_dvc.digest() != cfg.digest():
+        return None, ("this run's params differ from params.yaml (overrides or another params file); put them in "
+                      "params.yaml or use `dvc exp run -S section.key=value` to version such a run")
+    return root, ""
+
+
+def stage_up_to_date(root: Path, stage: str) -> bool:
+    """`dvc status <stage>` reports nothing: deps, params and outs match dvc.lock."""
+    out = dvc(root, "status", "--json", stage, timeout=120)
+    if out.returncode != 0:
+        return False
+    try:
+        import json
+
+        return json.loads(out.stdout or "{}") == {}
+    except ValueError:
+        return False
+
+
+def commit_stage(root: Path, stage: str) -> None:
+    out = dvc(root, "commit", "--force", stage)
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc commit {stage} failed (rc {out.returncode}): {(out.stderr or out.stdout)[-2000:]}")
+
+
+def has_remote(root: Path) -> bool:
+    out = dvc(root, "remote", "list", timeout=60)
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def push(root: Path) -> str:
+    out = dvc(root, "push")
+    if out.returncode != 0:
+        raise RuntimeError(f"dvc push failed (rc {out.returncode}): {(out.stderr or out.stdout)[-2000:]}")
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"

@@ -1,0 +1,40 @@
+"""Stand-ins for the ulcore stage functions (flow-wrapper tests): each writes the outputs dvc.yaml declares,
+opens a real MLflow stage run, counts its calls in calls.txt and fails when UL_FAKE_FAIL names it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ulcore import tracking
+
+OUTS = {"shard": ["data/shards/train/train-000000.tar"], "stage1": ["models/stage1/encoder.safetensors"],
+        "encode": ["data/latents/train/train-000000.tar"], "stage2": ["models/stage2/base.safetensors"],
+        "evaluate": ["outputs/samples.png", "plots/rd.csv"]}
+METRICS = {"stage1": "metrics/stage1.json", "stage2": "metrics/stage2.json", "evaluate": "metrics/eval.json"}
+
+
+def _run(stage: str, cfg) -> dict:
+    root = Path(cfg.storage.root)
+    with open(root / "calls.txt", "a") as f:
+        f.write(stage + "\n")
+    with tracking.stage_run(cfg, stage) as run_id:
+        if os.environ.get("UL_FAKE_FAIL") == stage:
+            raise RuntimeError(f"fake failure in {stage}")
+        for rel in OUTS[stage]:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(f"{stage} {cfg.digest()}\n")
+        result = {"stage": stage, "written": len(OUTS[stage]), "loss": 0.5}
+        if stage in METRICS:
+            (root / METRICS[stage]).parent.mkdir(parents=True, exist_ok=True)
+            (root / METRICS[stage]).write_text(json.dumps({"loss": 0.5, "psnr": 21.0}))
+            tracking.log_metrics(run_id, {"loss": 0.5}, step=1)
+    return {**result, "markdown": f"**fake {stage}** done"}
+
+
+def run_shard(cfg): return _run("shard", cfg)
+def run_stage1(cfg): return _run("stage1", cfg)
+def run_encode(cfg): return _run("encode", cfg)
+def run_stage2(cfg): return _run("stage2", cfg)
+def run_evaluate(cfg): return _run("evaluate", cfg)

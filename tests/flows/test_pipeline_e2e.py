@@ -1,0 +1,123 @@
+"""End to end with the real stages at smoke scale, in a temporary git + DVC copy of the project:
+`make stack`'s script starts a Prefect server, a process worker and an MLflow server on free loopback ports;
+`prefect deployment run ul/full-pipeline` completes; MLflow holds the runs and registered models; `dvc status`
+is clean; `dvc repro` is then a no-op; `dvc exp run -S` reruns only the stage it touches; `dvc push`/`pull`
+round-trip through a moto S3 server; a deployment run with bad params fails naming the key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from flowkit import BIN, copy_project, env_for, free_port, sh, smoke_params_yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Project copy + a running local stack (infra/stack.sh up), torn down afterwards."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    project = copy_project(tmp / "proj", smoke_params_yaml())
+    ports = {"PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port())}
+    env = env_for(tmp, STACK_DIR=str(tmp / "stack"), PREFECT_HOME=str(tmp / "prefect-home"), BIN=str(BIN), **ports)
+    try:
+        sh(["bash", "infra/stack.sh", "up"], project, env, timeout=240)
+        env.update(PREFECT_API_URL=f"http://127.0.0.1:{ports['PREFECT_PORT']}/api",
+                   MLFLOW_TRACKING_URI=f"http://127.0.0.1:{ports['MLFLOW_PORT']}")
+        yield project, env
+    finally:
+        sh(["bash", "infra/stack.sh", "down"], project, env, timeout=120, check=False)
+        pids = list((tmp / "stack").glob("*.pid"))
+        assert not pids, f"stack.sh down left {pids}"
+
+
+def _dvc(project: Path, env: dict, *args: str, timeout: float = 600):
+    return sh([str(BIN / "dvc"), *args], project, env, timeout=timeout)
+
+
+def test_deployment_runs_full_pipeline(stack):
+    project, env = stack
+    start = time.perf_counter()
+    out = sh([str(BIN / "prefect"), "deployment", "run", "ul/full-pipeline", "--watch", "--watch-interval", "2",
+              "--watch-timeout", "420"], project, env, timeout=480, check=False)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    assert "Completed" in out.stdout
+    print(f"full pipeline through the deployment: {time.perf_counter() - start:.0f} s")
+
+    for name in ("shards/summary.json",):
+        assert (project / "data" / name).is_file()
+    for rel in ("models/stage1/config.yaml", "models/stage2/config.yaml", "metrics/stage1.json",
+                "metrics/stage2.json", "metrics/eval.json"):
+        assert (project / rel).is_file(), rel
+    assert json.loads((project / "metrics/eval.json").read_text())
+
+    import mlflow
+
+    c = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("unified-latents")
+    runs = c.search_runs([exp.experiment_id])
+    stages = {r.data.tags.get("stage") for r in runs}
+    assert {"pipeline", "stage1", "stage2"} <= stages
+    parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
+    assert parent.info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {"stage1", "stage2"} <= {r.data.tags["stage"] for r in children}
+    assert all(r.data.tags["git_commit"] != "unknown" and r.data.tags["prefect_flow_run_id"] != "none"
+               for r in children)
+    models = {m.name for m in c.search_registered_models()}
+    assert {"ul-encoder", "ul-decoder", "ul-prior"} <= models and any(m.startswith("ul-base") for m in models)
+
+    assert _dvc(project, env, "status", "--json").stdout.strip() == "{}"
+
+
+def test_dvc_repro_is_noop_then_exp_run_reruns_one_stage(stack):
+    project, env = stack
+    start = time.perf_counter()
+    out = _dvc(project, env, "repro")
+    noop_s = time.perf_counter() - start
+    assert "Running stage" not in out.stdout, out.stdout
+    assert noop_s < 30
+    sh(["git", "add", "-A"], project, env)
+    sh(["git", "commit", "-q", "-m", "pipeline outputs recorded"], project, env)
+    out = _dvc(project, env, "exp", "run", "-S", "eval.seed=7", "-n", "seed7", timeout=600)
+    assert "Running stage 'evaluate'" in out.stdout and "Running stage 'stage1'" not in out.stdout, out.stdout
+    out = _dvc(project, env, "repro")
+    assert "Running stage" not in out.stdout
+
+
+def test_dvc_push_pull_through_s3(stack, s3_endpoint):
+    import boto3
+
+    project, env = stack
+    env = dict(env, AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+               AWS_DEFAULT_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="dvc-remote")
+    _dvc(project, env, "remote", "add", "-f", "-d", "s3remote", "s3://dvc-remote/store")
+    _dvc(project, env, "remote", "modify", "s3remote", "endpointurl", s3_endpoint)
+    _dvc(project, env, "push")
+    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="dvc-remote")
+    assert listed["KeyCount"] > 0
+    before = (project / "models/stage1/config.yaml").read_bytes()
+    shutil.rmtree(project / ".dvc" / "cache")
+    shutil.rmtree(project / "models")
+    _dvc(project, env, "pull")
+    assert (project / "models/stage1/config.yaml").read_bytes() == before
+    assert _dvc(project, env, "status", "--json").stdout.strip() == "{}"
+
+
+def test_deployment_with_bad_params_fails_naming_the_key(stack):
+    project, env = stack
+    out = sh([str(BIN / "prefect"), "deployment", "run", "ul/full-pipeline", "--param",
+              'overrides=["stage1.lr=-1"]', "--watch", "--watch-interval", "1", "--watch-timeout", "120"],
+             project, env, timeout=180, check=False)
+    assert out.returncode != 0 and "Failed" in out.stdout
+    import re
+
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
+    logs = sh([str(BIN / "prefect"), "flow-run", "logs", run_id], project, env, check=False)
+    assert "stage1.lr" in logs.stdout + logs.stderr

@@ -1,0 +1,170 @@
+"""ulcore.tracking against a real MLflow SQLite store in a temp folder: lineage tags, params, nesting,
+metrics/artefacts by run id, and the pyfunc registry round trip with an alias."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from ulcore import tracking  # noqa: E402
+from ulcore.config import load_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store per module: creating its tables takes ~7 s."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture()
+def cfg(tmp_path, store, monkeypatch):
+    """A config whose storage.root is the module's store; cwd is a temp folder (no git, no dvc.lock)."""
+    for var in ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, tracking.FLOW_RUN_ENV, "DVC_EXP_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return load_config(None, [f"storage.root={store}", "stage1.lr=0.002"])
+
+
+def test_tracking_uri_order(cfg, store, monkeypatch):
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{store.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.tracking_uri(cfg) == "http://127.0.0.1:5999"
+    assert tracking.artifact_location(cfg) is None  # a server picks its own artefact root
+    explicit = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri="sqlite:////x/y.db"))
+    assert tracking.tracking_uri(explicit) == "sqlite:////x/y.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    on_s3 = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root="s3://bucket/ul"))
+    assert tracking.tracking_uri(on_s3) == f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
+    assert tracking.artifact_location(on_s3) == "s3://bucket/ul/mlartifacts"
+
+
+def test_flatten_params_truncates():
+    flat = tracking.flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 7000, "e": {}})
+    assert flat["a.b"] == "1" and flat["a.c"] == "[1, 2]" and flat["e"] == "{}"
+    assert len(flat["d"]) == tracking.MAX_PARAM_VALUE and flat["d"].endswith("...")
+
+
+def test_lineage_outside_git_and_dvc(cfg):
+    tags = tracking.lineage_tags(cfg, "stage1")
+    assert tags["git_commit"] == "unknown"
+    assert tags["dvc_lock_sha256"] == "none"
+    assert tags["prefect_flow_run_id"] == "none"
+    assert tags["stage"] == "stage1" and tags["preset"] == "tiny" and tags["config_digest"] == cfg.digest()
+
+
+def test_lineage_inside_git_with_dvc_lock(cfg, tmp_path):
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@e")
+    Path("dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    subprocess.run(["git", "init", "-q"], check=True, env=env)
+    subprocess.run(["git", "add", "dvc.lock"], check=True, env=env)
+    subprocess.run(["git", "commit", "-q", "-m", "x"], check=True, env=env)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    tags = tracking.lineage_tags(cfg, "encode")
+    assert tags["git_commit"] == head and tags["mlflow.source.git.commit"] == head
+    import hashlib
+
+    assert tags["dvc_lock_sha256"] == hashlib.sha256(Path("dvc.lock").read_bytes()).hexdigest()
+
+
+def test_stage_run_nesting_params_metrics_artifacts(cfg, store, tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.FLOW_RUN_ENV, "flow-run-123")
+    with tracking.pipeline_run(cfg) as parent:
+        assert os.environ[tracking.PARENT_ENV] == parent
+        with tracking.stage_run(cfg, "stage1") as run_id:
+            assert os.environ["MLFLOW_TRACKING_URI"] == tracking.tracking_uri(cfg)
+            tracking.log_metrics(run_id, {"loss": 1.5, "psnr": np.float32(20.0), "note": "skip"}, step=64)
+            tracking.log_metrics(run_id, {"loss": 1.25}, step=128)
+            tracking.log_image(run_id, np.full((8, 8, 3), 200, np.uint8), "samples/grid.png")
+            (tmp_path / "m.json").write_text('{"a": 1}')
+            tracking.log_artifact(run_id, tmp_path / "m.json", "metrics")
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots()
+            ax.plot([0, 1], [1, 0])
+            tracking.log_figure(run_id, fig, "plots/loss.png")
+            plt.close(fig)
+    assert tracking.PARENT_ENV not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+
+    c = tracking.client(tracking.tracking_uri(cfg))
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["prefect_flow_run_id"] == "flow-run-123"
+    assert run.data.tags["stage"] == "stage1" and run.data.tags["preset"] == "tiny"
+    assert run.data.params["stage1.lr"] == "0.002" and run.data.params["preset"] == "tiny"
+    assert run.data.params["model.encoder_channels"] == "[32, 64]"
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(64, 1.5), (128, 1.25)]
+    assert run.data.metrics["psnr"] == 20.0 and "note" not in run.data.metrics
+    names = {a.path for a in c.list_artifacts(run_id)}
+    assert {"samples", "metrics", "plots"} <= names
+    assert [a.path for a in c.list_artifacts(run_id, "metrics")] == ["metrics/m.json"]
+    # artefacts live under <storage.root>/mlartifacts
+    assert run.info.artifact_uri.startswith((store / "mlartifacts").resolve().as_uri())
+    assert c.get_run(parent).info.status == "FINISHED"
+    assert c.get_run(parent).data.tags["stage"] == "pipeline"
+
+
+def test_failed_stage_run_is_marked_failed(cfg):
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.stage_run(cfg, "stage2") as run_id:
+            raise RuntimeError("boom")
+    assert tracking.client(tracking.tracking_uri(cfg)).get_run(run_id).info.status == "FAILED"
+
+
+def test_register_model_roundtrip_from_another_process(cfg, tmp_path):
+    """register_model needs only the run id and the tracking URI: run it in a fresh interpreter (as a Ray
+    worker would), then load the model through its alias and compare the weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
+    save_file(weights, str(tmp_path / "encoder.safetensors"))
+    uri = tracking.tracking_uri(cfg)
+    with tracking.stage_run(cfg, "stage1") as run_id:
+        code = (
+            "import sys; from ulcore import tracking\n"
+            "v = tracking.register_model(sys.argv[1], 'ul-encoder', {'encoder': sys.argv[2]}, 'latest',"
+            " 'model:\\n  latent_channels: 4\\n', tracking_uri=sys.argv[3])\n"
+            "print('VERSION', v)\n"
+        )
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+        env.pop("MLFLOW_TRACKING_URI", None)
+        out = subprocess.run([sys.executable, "-c", code, run_id, str(tmp_path / "encoder.safetensors"), uri],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "VERSION 1" in out.stdout
+        # a second version in this process moves the alias
+        version = tracking.register_model(run_id, "ul-encoder", {"encoder": str(tmp_path / "encoder.safetensors")},
+                                          "champion", "model:\n  latent_channels: 4\n")
+    assert version == "2"
+    c = tracking.client(uri)
+    assert str(c.get_model_version_by_alias("ul-encoder", "latest").version) == "2"  # MLflow's built-in alias
+    assert str(c.get_model_version_by_alias("ul-encoder", "champion").version) == "2"
+    mv = c.get_model_version("ul-encoder", "2")
+    assert mv.run_id == run_id and mv.tags["run_id"] == run_id and mv.tags["preset"] == "tiny"
+
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/ul-encoder@champion")
+    bundle = model.unwrap_python_model()
+    assert "latent_channels: 4" in bundle.config_yaml
+    assert torch.equal(bundle.state_dicts["encoder"]["w"], weights["w"])
+    out = model.predict(["encoder"])
+    np.testing.assert_array_equal(out["encoder"]["b"], np.ones(3, np.float32))
+    reqs = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
+    assert "safetensors==" in reqs and "torch==" in reqs and "+cpu" not in reqs
