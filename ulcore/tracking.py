@@ -303,16 +303,13 @@ def log_figure(run_id: str, fig: Any, artifact_file: str, *, tracking_uri: str |
 # ---------------------------------------------------------------------------------------------- registry
 
 
-try:
-    from mlflow.pyfunc import PythonModel as _PythonModel
-except ImportError:  # pragma: no cover - mlflow is a hard dependency; keeps the module importable regardless
-    _PythonModel = object  # type: ignore[assignment,misc]
+from mlflow.pyfunc import PythonModel as _PythonModel  # noqa: E402 - the class below subclasses it
 
 
 class SafetensorsBundle(_PythonModel):
     """A registered model = safetensors weight files + the resolved config, loadable without pickle.
 
-    `mlflow.pyfunc.load_model("models:/ul-encoder@latest").unwrap_python_model()` gives `.state_dicts`
+    `mlflow.pyfunc.load_model("models:/ul-encoder@champion").unwrap_python_model()` gives `.state_dicts`
     (file key -> {tensor name: tensor}) and `.config_yaml`; `predict(["encoder"])` returns the named
     weights as numpy arrays. Building the network from them is ulcore.train.export's job.
     """
@@ -328,8 +325,8 @@ class SafetensorsBundle(_PythonModel):
             else:
                 self.state_dicts[key] = load_file(path)
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would try to validate them
-        keys = list(model_input) if model_input is not None else list(self.state_dicts)
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> Any:
+        keys = list(model_input) if model_input else list(self.state_dicts)
         return {k: {n: t.float().numpy() for n, t in self.state_dicts[k].items()} for k in keys}
 
 
