@@ -325,7 +325,7 @@ class SafetensorsBundle(_PythonModel):
             else:
                 self.state_dicts[key] = load_file(path)
 
-    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input: list[str], params=None):  # only model_input is typed: MLflow validates it
         keys = list(model_input) if model_input else list(self.state_dicts)
         return {k: {n: t.float().numpy() for n, t in self.state_dicts[k].items()} for k in keys}
 

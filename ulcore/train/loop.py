@@ -83,7 +83,7 @@ def _status(stage: str, samples: int, total: int, metrics: dict[str, float], rat
     frac = samples / total
     bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
     eta = (total - samples) / rate if rate > 0 else float("nan")
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "bits_per_pixel", "psnr"))
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "bits_per_pixel", "ema_psnr", "ema_bits_per_pixel"))
     return f"[{stage}] [{bar}] {samples}/{total} samples {rate:.0f}/s eta {eta:.0f}s {shown}"
 
 
@@ -130,7 +130,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     batches = spec.batches(cfg, per_rank, rank, world, data_seed)
     run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
     sums: dict[str, float] = {}
-    count, tic = 0, time.perf_counter()
+    count, tic, first_step = 0, time.perf_counter(), progress.step
     while progress.samples < t.total_samples:
         batch = next(batches)
         for group in optimizer.param_groups:
@@ -183,6 +183,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                            progress=progress, config_yaml=cfg.to_yaml(), digest=loop_config["digest"])
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
+    if rank == 0:
+        print(f"[{spec.name}] finished at {progress.samples} samples: {progress.step - first_step} steps in this run",
+              flush=True)
 
 
 def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Path:
@@ -253,7 +256,9 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         ema = spec.build(cfg)
         ema.load_state_dict(state["ema"])
         ema.eval()
-        metrics = spec.monitor(cfg, ema, int(state["samples"]), run_id, tracking.tracking_uri(cfg))
+        # final numbers are the EMA model's on held-out data: metrics/<stage>.json drops the ema_ prefix
+        metrics = {k.removeprefix("ema_"): v for k, v in
+                   spec.monitor(cfg, ema, int(state["samples"]), run_id, tracking.tracking_uri(cfg)).items()}
         metrics.update(samples=int(state["samples"]), steps=int(state["step"]),
                        wall_seconds=time.perf_counter() - started)
         tracking.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()}, step=int(state["samples"]))

@@ -90,8 +90,8 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     rec = sampling.reconstruct(ema, x, seed=cfg.stage1.seed, steps=cfg.stage1.eval_steps)
     bpp = sampling.prior_bits_per_pixel(ema, x, seed=cfg.stage1.seed).mean().item()
     latent_std = ema.encoder(x).float().std().item()
-    metrics = {"psnr": float(psnr(loaders.to_uint8(rec), x_uint8).mean()), "bits_per_pixel_heldout": bpp,
-               "latent_std_heldout": latent_std}
+    metrics = {"ema_psnr": float(psnr(loaders.to_uint8(rec), x_uint8).mean()), "ema_bits_per_pixel": bpp,
+               "ema_latent_std": latent_std}
     if bpp < COLLAPSE_BITS_PER_PIXEL:
         print(f"[stage1] WARNING: latent collapse (held-out {bpp:.2e} bits/pixel): raise stage1.loss_factor or "
               "stage1.decoder_bias (ul_method.md §4.5)", flush=True)

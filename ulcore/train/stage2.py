@@ -66,7 +66,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
                                            kind="latents")))
     z, labels = batch["z"].float(), batch["cls"]
     bpp = sampling.elbo_bits_per_pixel(lambda zt, lam: ema.base(zt, lam, labels), z, cfg, seed=cfg.stage2.seed)
-    metrics = {"bits_per_pixel_base": bpp.mean().item()}
+    metrics = {"ema_bits_per_pixel_base": bpp.mean().item()}
     if run_id:
         stage1 = _stage1(stage1_root(cfg))
         n = min(16, 2 * cfg.model.num_classes)

@@ -1,0 +1,83 @@
+"""Shared blocks: patching round trips and ordering, position and noise embeddings, and the accounting
+helpers against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ulcore.nets import count_params, forward_flops
+from ulcore.nets.encoder import temporal_plan
+from ulcore.nets.layers import (NoiseEmbedding, depth_to_space, group_count, resize_nearest, sincos_position,
+                                space_to_depth)
+
+
+@pytest.mark.parametrize("shape,factors", [((2, 3, 8, 6), (2, 2)), ((2, 3, 4, 8, 6), (1, 2, 2)),
+                                           ((1, 2, 6, 4, 4), (3, 2, 2))])
+def test_space_to_depth_round_trip(shape, factors):
+    x = torch.randn(shape)
+    y = space_to_depth(x, factors)
+    assert y.shape == (shape[0], shape[1] * math.prod(factors), *[s // f for s, f in zip(shape[2:], factors)])
+    assert torch.equal(depth_to_space(y, factors), x)
+
+
+def test_space_to_depth_groups_each_patch_into_channels():
+    # a 1-channel 4x4 image: output channel (i, j) holds pixel (2a + i, 2b + j) of patch (a, b)
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    y = space_to_depth(x, (2, 2))
+    assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    assert y[0, :, 1, 1].tolist() == [10.0, 11.0, 14.0, 15.0]
+
+
+def test_space_to_depth_rejects_indivisible_grid():
+    with pytest.raises(ValueError, match="not divisible"):
+        space_to_depth(torch.zeros(1, 1, 5, 4), (2, 2))
+
+
+def test_resize_nearest_repeats_values():
+    z = torch.arange(4.0).reshape(1, 1, 2, 2)
+    up = resize_nearest(z, (4, 4))
+    assert torch.equal(up[0, 0], torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]))
+    assert resize_nearest(z, (2, 2)) is z
+
+
+def test_sincos_position_is_distinct_and_bounded():
+    for grid, dim in [((8, 8), 128), ((4, 8, 8), 128), ((3, 5), 10)]:
+        pos = sincos_position(grid, dim)
+        assert pos.shape == (math.prod(grid), dim)
+        assert pos.abs().max() <= 1.0
+        assert torch.cdist(pos, pos).add(torch.eye(len(pos)) * 9).min() > 1e-3  # no two positions collide
+
+
+def test_noise_embedding_separates_close_logsnrs_across_the_range():
+    torch.manual_seed(0)
+    emb = NoiseEmbedding(64)
+    logsnr = torch.tensor([-20.0, -19.9, 0.0, 0.1, 19.9, 20.0])
+    e = emb(logsnr)
+    assert e.shape == (6, 64) and torch.isfinite(e).all()
+    for i in (0, 2, 4):  # Δλ = 0.1 moves the embedding everywhere in [-20, 20]
+        assert (e[i] - e[i + 1]).abs().max() > 1e-3
+
+
+def test_group_count_divides():
+    assert group_count(64) == 32 and group_count(48) == 24 and group_count(12) == 12 and group_count(7) == 7
+
+
+@pytest.mark.parametrize("factor,transitions,expected", [(4, 3, (1, [2, 2, 1])), (2, 1, (1, [2])),
+                                                         (3, 2, (3, [1, 1])), (8, 1, (4, [2])), (1, 2, (1, [1, 1]))])
+def test_temporal_plan(factor, transitions, expected):
+    patch, stages = temporal_plan(factor, transitions)
+    assert (patch, stages) == expected
+    assert patch * math.prod(stages) == factor
+
+
+def test_count_params_and_forward_flops_closed_form():
+    lin = nn.Linear(16, 8)
+    assert count_params(lin) == 16 * 8 + 8
+    assert forward_flops(lin, torch.zeros(5, 16)) == 2 * 5 * 16 * 8
+    with torch.device("meta"):
+        big = nn.Linear(4096, 4096)
+    assert count_params(big) == 4096 * 4096 + 4096

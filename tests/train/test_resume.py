@@ -1,0 +1,103 @@
+"""Kill the training process after its first checkpoint, rerun the same command, and it continues from there."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.smoke import SMOKE
+from ulcore.config import load_config
+from ulcore.data.sharding import run_shard
+from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, save_state
+from ulcore.train.ema import EMA
+
+ROOT = Path(__file__).resolve().parents[2]
+LONG = ["stage1.total_samples=320", "stage1.ckpt_every_samples=64", "ray.num_workers=1", "ray.num_cpus=2"]
+SCRIPT = "import sys; from ulcore.config import load_config; from ulcore.train.stage1 import run_stage1; " \
+         "run_stage1(load_config(sys.argv[1], sys.argv[2:]))"
+
+
+def _train(root: Path, **popen) -> subprocess.Popen:
+    overrides = [*SMOKE, *LONG, f"storage.root={root}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(ROOT / "params.yaml"), *overrides], cwd=root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    import ray
+
+    cfg = load_config(ROOT / "params.yaml", [*SMOKE, *LONG, f"storage.root={tmp_path}"])
+    run_shard(cfg)
+    ray.shutdown()  # the training subprocesses start their own local cluster
+    first = _train(tmp_path)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "checkpoints").glob("stage1-*/*/meta.json")):
+        assert first.poll() is None, f"training ended before its first checkpoint:\n{first.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    meta = sorted((tmp_path / "checkpoints").glob("stage1-*/*/meta.json"))
+    resumed_from = max(int(__import__("json").loads(p.read_text())["samples"]) for p in meta)
+    assert 0 < resumed_from < 320
+
+    second = _train(tmp_path)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    assert f"resumed at {resumed_from} samples" in out
+    steps_done = (320 - resumed_from) // 16
+    assert f"finished at 320 samples: {steps_done} steps in this run" in out
+    run_dir = next((tmp_path / "checkpoints").glob("stage1-*"))
+    final = load_state(Path(latest_checkpoint(str(run_dir), __import__("json").loads(
+        (tmp_path / "models" / "stage1" / "done.json").read_text())["digest"])))
+    assert final["samples"] == 320 and final["step"] == 20
+    # AdamW counts its own steps: 20 only if the optimiser state survived the kill
+    assert all(int(s["step"]) == 20 for s in final["optimizer"]["state"].values())
+    shutil.rmtree(tmp_path / "data")
+
+
+def test_state_round_trip_restores_model_ema_and_optimiser(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, halflife_samples=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        ema.update(model, 4)
+    save_state(tmp_path, model=model, ema=ema.module, optimizer=opt, scheduler=sched,
+               progress=Progress(samples=12, step=3), config_yaml="x: 1\n", digest="d")
+    state = load_state(tmp_path)
+    model2 = torch.nn.Linear(3, 2)
+    model2.load_state_dict(state["model"])
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(model2.weight, model.weight)
+    assert torch.equal(state["ema"]["weight"], ema.module.weight)
+    assert not torch.equal(ema.module.weight, model.weight)  # the EMA lags the model
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert (state["samples"], state["step"]) == (12, 3)
+    assert latest_checkpoint(str(tmp_path.parent), "d") == str(tmp_path)
+    assert latest_checkpoint(str(tmp_path.parent), "other") is None
+
+
+def test_ema_starts_equal_and_follows_the_halflife():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, halflife_samples=10)
+    assert torch.equal(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, batch_samples=10)  # one half-life: halfway to the model
+    assert ema.module.weight.item() == pytest.approx(0.5)
