@@ -72,13 +72,13 @@ class ModelConfig:
     patch_size: int = 2  # encoder/decoder space-to-depth patching
     encoder_channels: tuple[int, ...] = (32, 64)  # one stage per entry; a 2x downsample between stages
     encoder_blocks: int = 2  # residual blocks per encoder stage
-    prior_width: int = 128  # prior ViT width
-    prior_depth: int = 4  # prior ViT blocks
+    prior_width: int = 64  # prior ViT width
+    prior_depth: int = 3  # prior ViT blocks
     decoder_channels: tuple[int, ...] = (32, 64)  # decoder U-Net conv levels (after patching)
     decoder_blocks: int = 1  # residual blocks per decoder level
-    decoder_width: int = 128  # decoder middle-transformer width
+    decoder_width: int = 64  # decoder middle-transformer width
     decoder_depth: int = 2  # decoder middle-transformer blocks
-    base_widths: tuple[int, ...] = (128, 192)  # stage-2 2-level ViT widths (outer, inner)
+    base_widths: tuple[int, ...] = (96, 128)  # stage-2 2-level ViT widths (outer, inner)
     base_depths: tuple[int, ...] = (2, 4)  # blocks per level
     heads: int = 4  # attention heads in every transformer
     dropout: float = 0.0  # decoder / base-model dropout (paper: 0.1)
@@ -163,7 +163,7 @@ class RayConfig:
     address: str = ""  # existing cluster ("" = RAY_ADDRESS or a local ray.init on 127.0.0.1)
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 2.0  # CPUs (and torch threads) per worker
     max_failures: int = 2  # restarts from the last checkpoint after a worker dies
     num_cpus: int = 0  # local cluster CPUs (0 = all)
 

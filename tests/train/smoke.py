@@ -9,7 +9,7 @@ NETS = [
     "model.base_depths=[2,2]",
 ]
 TRAIN = [
-    "ray.num_workers=2", "ray.num_cpus=2",
+    "ray.num_workers=2", "ray.num_cpus=2", "ray.cpus_per_worker=1",
     "stage1.batch_size=16", "stage1.total_samples=64", "stage1.warmup_samples=16", "stage1.log_every_samples=16",
     "stage1.ckpt_every_samples=32", "stage1.eval_batch=8", "stage1.eval_steps=2",
     "stage2.batch_size=16", "stage2.total_samples=64", "stage2.warmup_samples=16", "stage2.log_every_samples=16",

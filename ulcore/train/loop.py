@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -168,7 +169,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             continue
         rate = count * t.batch_size / max(time.perf_counter() - tic, 1e-9)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
-        metrics.update(samples=progress.samples, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate)
+        metrics.update(samples=progress.samples, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         if at_ckpt and rank == 0:
             metrics.update(spec.monitor(cfg, ema.module, progress.samples, run_id, uri))
         if rank == 0:
@@ -188,14 +190,38 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
               flush=True)
 
 
-def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Path:
-    """Driver side: start (or join) Ray, run the TorchTrainer, and return a local copy of the final state.pt."""
+def _check_resources(cfg: Config) -> None:
+    """A local cluster cannot grow: fail now, naming the params, instead of waiting forever for workers."""
+    import os
+
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # a real cluster may autoscale
+    have = ray.cluster_resources()
+    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if need_cpu > have.get("CPU", 0) or (cfg.ray.use_gpu and cfg.ray.num_workers > have.get("GPU", 0)):
+        raise ValueError(
+            f"ray.num_workers = {cfg.ray.num_workers} x ray.cpus_per_worker = {cfg.ray.cpus_per_worker:g}"
+            f"{' (+1 GPU each)' if cfg.ray.use_gpu else ''} does not fit the local Ray cluster "
+            f"({have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs); lower them or set ray.address")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    state_dir: Path  # local folder holding the final state.pt
+    metrics: dict[str, Any]  # the last metrics the workers reported ({} when the run was already complete)
+
+
+def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> FitResult:
+    """Driver side: start (or join) Ray, run the TorchTrainer, return a local copy of the final state."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from ulcore.data.ray_init import ensure_ray
 
     ensure_ray(cfg.ray)
+    _check_resources(cfg)
     t = spec.train_config(cfg)
     ckpt_root = storage.join(cfg.storage.root, "checkpoints")
     run_name = f"{spec.name}-{digest}"
@@ -206,7 +232,7 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Pat
         done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
         print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}", flush=True)
         if done:
-            return materialize(resume_from, local)
+            return FitResult(materialize(resume_from, local), {})
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest, "resume_from": resume_from,
@@ -223,7 +249,7 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Pat
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: training finished without a checkpoint under {storage_path}/{run_name}")
-    return Path(result.checkpoint.to_directory(str(local)))
+    return FitResult(Path(result.checkpoint.to_directory(str(local))), dict(result.metrics or {}))
 
 
 
@@ -251,8 +277,7 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:
         started = time.perf_counter()
-        final = fit(cfg, spec, digest=digest, run_id=run_id)
-        state = load_state(final)
+        state = load_state(fit(cfg, spec, digest=digest, run_id=run_id).state_dir)
         ema = spec.build(cfg)
         ema.load_state_dict(state["ema"])
         ema.eval()
