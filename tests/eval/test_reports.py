@@ -1,0 +1,52 @@
+"""Grids, and the loss / rate-distortion reports read back from a real (SQLite) MLflow store."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import torch
+
+from ulcore.eval.reports import image_grid, paired_grid, write_reports
+
+
+def test_image_grid_layout():
+    x = torch.zeros(5, 3, 4, 6, dtype=torch.uint8)
+    x[1] = 255
+    grid = image_grid(x, columns=3, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 7 + 1, 3) and grid.dtype == np.uint8
+    assert (grid[1:5, 8:14] == 255).all() and (grid[1:5, 1:7] == 0).all()
+    clips = torch.zeros(2, 1, 3, 4, 4, dtype=torch.uint8)  # grey clips: one row of 3 frames each
+    assert image_grid(clips, pad=0).shape == (8, 12, 3)
+    pair = paired_grid(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.full((3, 3, 4, 4), 9, dtype=torch.uint8),
+                       columns=2)
+    assert pair.shape == (4 * 5 + 1, 2 * 5 + 1, 3)
+    assert (pair[6:10, 1:5] == 9).all()  # row 2 = reconstructions of row 1
+
+
+def test_reports_from_mlflow_history(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("ul-test", artifact_location=str(tmp_path / "artifacts"))
+    s1 = client.create_run(exp, tags={"stage": "stage1"}).info.run_id
+    for step in range(0, 5):
+        client.log_metric(s1, "loss", 10.0 - step, step=step * 64)
+        client.log_metric(s1, "prior_bits", 2.0 + step, step=step * 64)
+        client.log_metric(s1, "lr", 1e-3, step=step * 64)
+    client.set_terminated(s1)
+    for bpp, psnr_value, gfid in ((0.5, 20.0, 80.0), (1.0, 24.0, 60.0)):
+        r = client.create_run(exp, tags={"stage": "evaluate"}).info.run_id
+        client.log_param(r, "stage1.loss_factor", 1.5)
+        for k, v in {"bits_per_pixel_prior": bpp, "psnr": psnr_value, "gfid": gfid, "rfid": gfid / 2}.items():
+            client.log_metric(r, k, v)
+        client.set_terminated(r)
+    written = write_reports(client, "ul-test", tmp_path / "plots",
+                            current={"run_id": "now", "bits_per_pixel_prior": 2.0, "psnr": 28.0, "gfid": 40.0})
+    assert set(written) == {"losses.csv", "loss_curves.png", "rate_distortion.csv", "rate_distortion.png"}
+    losses = list(csv.DictReader(open(written["losses.csv"])))
+    assert len(losses) == 10 and {r["key"] for r in losses} == {"loss", "prior_bits"}  # lr is not a loss
+    assert [float(r["value"]) for r in losses if r["key"] == "loss"] == [10.0, 9.0, 8.0, 7.0, 6.0]
+    rd = list(csv.DictReader(open(written["rate_distortion.csv"])))
+    assert sorted(float(r["psnr"]) for r in rd) == [20.0, 24.0, 28.0]
+    assert (tmp_path / "plots" / "rate_distortion.png").stat().st_size > 1000

@@ -1,0 +1,305 @@
+"""The evaluate stage: gFID, rFID, PSNR, SSIM, both bitrates (and FVD for video) under a pinned protocol.
+
+Protocol (all from `eval.*`, logged with every number):
+- gFID: `num_samples` base-model samples, class-balanced labels (i mod num_classes), sample i seeded by
+  sample_seeds(eval.seed, i), `sampler`, `base_steps` / `decoder_steps`, `guidance` on `guidance_interval`, EMA
+  weights (the exported ones) - against the reference statistics of the first `num_samples` training images
+  (split data.splits[0], shard order), cached under data/fid_refs/<hash>.npz.
+- rFID / PSNR / SSIM / bits per pixel: the first `num_samples` held-out images (data.splits[1], or the training
+  split when there is only one), reconstructed with seed eval.seed + 2 (decoder_steps, sampler); rFID compares
+  the reconstructions with those same images (their statistics cached too).
+- Video: FID on all frames; FVD on I3D features of whole clips (see fvd.py) when eval.i3d_weights is given.
+- num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
+  published 50k-sample numbers; eval.json says so.
+Rerun with nothing changed does no work: eval.json stores a digest of every input (models, shards, params,
+metric weights) and is returned as is when it matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ulcore import storage
+from ulcore.config import Config
+from ulcore.eval import reports
+from ulcore.eval.fid import (RunningStats, data_fingerprint, fid_from_stats, load_reference_stats, reference_key,
+                             store_reference_stats)
+from ulcore.eval.fvd import I3D_MIN_FRAMES, I3D_SIZE, I3DFeatures, I3DUnavailable
+from ulcore.eval.image_metrics import psnr, ssim
+from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
+
+MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
+METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base", "fvd")
+RECON_SEED_OFFSET = 2  # generate() uses seed and seed + 1; reconstructions use seed + 2 and seed + 3
+BITS_SEED_OFFSET = 4
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """Clips (N,C,T,H,W) -> frames (N*T,C,H,W); images pass through."""
+    return x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], x.shape[3], x.shape[4]) if x.ndim == 5 else x
+
+
+def _take(batches, n: int):
+    """Yield batches until n examples have been produced (the last one cut), with their start index."""
+    seen = 0
+    for batch in batches:
+        if seen >= n:
+            return
+        b = min(batch["x"].shape[0], n - seen)
+        yield seen, {k: (v[:b] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}
+        seen += b
+
+
+def _file_digest(uri: str) -> str:
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16] if storage.exists(uri) else "missing"
+
+
+def inputs_digest(cfg: Config, model_roots: dict[str, str], shards: dict[str, list[str]], weights_sha: str) -> str:
+    """Everything the numbers depend on: params, exported model files, shard identities, metric weights."""
+    parts: dict[str, Any] = {"eval": cfg.to_dict()["eval"], "data": cfg.to_dict()["data"], "weights": weights_sha}
+    for name, root in model_roots.items():
+        parts[name] = {uri.rsplit("/", 1)[-1]: _file_digest(uri) for uri in storage.list_uris(root)}
+    parts["shards"] = {split: data_fingerprint(uris) for split, uris in shards.items()}
+    if cfg.eval.i3d_weights and Path(cfg.eval.i3d_weights).is_file():
+        from ulcore.eval.inception import file_sha256
+
+        parts["i3d"] = file_sha256(cfg.eval.i3d_weights)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def metrics_markdown(result: dict[str, Any]) -> str:
+    """The metric table and protocol line for the Prefect artefact."""
+    p = result["protocol"]
+    lines = ["| metric | value |", "| --- | --- |"]
+    for key in METRIC_KEYS:
+        value = result.get(key)
+        lines.append(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    lines += ["", f"Protocol: N = {p['num_samples']} ({'monitoring' if p['monitoring'] else 'reported'}), "
+              f"sampler {p['sampler']}, steps {p['base_steps']}/{p['decoder_steps']}, guidance {p['guidance']} on "
+              f"λ ∈ {p['guidance_interval']}, seed {p['seed']}, EMA weights; FID network "
+              f"{p['fid_weights_source']} (sha256 {p['fid_weights_sha256'][:12]}), reference stats "
+              f"{p['gfid_reference']['key_hash'] if p.get('gfid_reference') else 'n/a'}."]
+    if result.get("fvd_unavailable_reason"):
+        lines.append(f"FVD unavailable: {result['fvd_unavailable_reason']}")
+    if p["monitoring"]:
+        lines.append(f"_{p['monitoring_note']}_")
+    if result.get("mlflow_run_id"):
+        lines.append(f"MLflow run `{result['mlflow_run_id']}`.")
+    return "\n".join(lines)
+
+
+class _Reference:
+    """Reference statistics of real images for one split: loaded from the cache or accumulated while looping."""
+
+    def __init__(self, cfg: Config, split: str, uris: list[str], n: int, weights_sha: str) -> None:
+        self.root = cfg.storage.root
+        self.key_hash, self.key = reference_key(split=split, resolution=cfg.data.resolution,
+                                                weights_sha256=weights_sha, n=n,
+                                                data_fingerprint=data_fingerprint(uris), frames=cfg.model.frames)
+        found = load_reference_stats(self.root, self.key_hash, self.key)
+        self.stats, self.info = found if found else (None, None)
+        self.running = RunningStats() if found is None else None
+
+    def finish(self, n_seen: int) -> None:
+        if self.stats is None:
+            self.stats = self.running.stats()
+            if n_seen == self.key["n"]:
+                self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
+            else:  # fewer images than asked for: do not cache under a key that claims N
+                self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
+
+
+def run_evaluate(cfg: Config) -> dict[str, Any]:
+    """Evaluate the exported models; writes metrics/eval.json, plots/, outputs/ and an MLflow run."""
+    from ulcore import tracking
+    from ulcore.data.loaders import eval_batches, shard_uris, to_float, to_uint8
+    from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
+    from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
+
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    root, e = cfg.storage.root, cfg.eval
+    t_start = time.perf_counter()
+    train_split = cfg.data.splits[0]
+    eval_split = cfg.data.splits[1] if len(cfg.data.splits) > 1 else cfg.data.splits[0]
+    shards = {train_split: shard_uris(cfg, "images", train_split), eval_split: shard_uris(cfg, "images", eval_split)}
+    weights = resolve_fid_weights(e.fid_weights)
+    roots = {"stage1": stage1_root(cfg)}
+    has_stage2 = storage.exists(storage.join(stage2_root(cfg), "config.yaml"))
+    if has_stage2:
+        roots["stage2"] = stage2_root(cfg)
+    digest = inputs_digest(cfg, roots, shards, weights.sha256)
+    eval_uri = storage.join(root, "metrics", "eval.json")
+    if storage.exists(eval_uri):
+        previous = storage.read_json(eval_uri)
+        if previous.get("inputs_digest") == digest:
+            return {**previous, "skipped": True, "markdown": metrics_markdown(previous)}
+
+    extractor = FidFeatureExtractor(weights, batch_size=16)
+    stage1 = load_stage1(roots["stage1"])
+    stage2 = load_stage2(roots["stage2"]) if has_stage2 else None
+    n = e.num_samples
+    timings: dict[str, float] = {}
+    try:
+        i3d: I3DFeatures | None = I3DFeatures(e.i3d_weights) if cfg.is_video else None
+        fvd_reason = None if cfg.is_video else "not a video model"
+    except I3DUnavailable as exc:
+        i3d, fvd_reason = None, str(exc)
+
+    # --- held-out images: reconstructions, PSNR / SSIM, bitrates, rFID (and FVD reference clips)
+    t0 = time.perf_counter()
+    val_ref = _Reference(cfg, eval_split, shards[eval_split], n, weights.sha256)
+    rec_stats, i3d_real, i3d_rec = RunningStats(), RunningStats(), RunningStats()
+    psnrs, ssims, bpp_prior, bpp_base = [], [], [], []
+    grid_real, grid_rec = [], []
+    n_val = 0
+    for start, batch in _take(eval_batches(shards[eval_split], batch_size=e.batch_size, kind="images"), n):
+        x_u8, labels = batch["x"], batch["cls"]
+        x = to_float(x_u8)
+        idx = range(start, start + x.shape[0])
+        rec_u8 = to_uint8(reconstruct(stage1, x, seed=e.seed + RECON_SEED_OFFSET, steps=e.decoder_steps,
+                                      sampler=e.sampler, indices=idx))
+        psnrs.append(psnr(rec_u8, x_u8))
+        ssims.append(ssim(rec_u8, x_u8))
+        bpp_prior.append(prior_bits_per_pixel(stage1, x, seed=e.seed + BITS_SEED_OFFSET + start))
+        if stage2 is not None:
+            bpp_base.append(base_bits_per_pixel(stage1, stage2, x, labels, seed=e.seed + BITS_SEED_OFFSET + start))
+        if val_ref.running is not None:
+            val_ref.running.add(extractor(_frames(x_u8)))
+        rec_stats.add(extractor(_frames(rec_u8)))
+        if i3d is not None:
+            i3d_real.add(i3d(x_u8))
+            i3d_rec.add(i3d(rec_u8))
+        if sum(g.shape[0] for g in grid_real) < e.grid_size:
+            grid_real.append(x_u8)
+            grid_rec.append(rec_u8)
+        n_val += x.shape[0]
+    val_ref.finish(n_val)
+    timings["reconstruction_s"] = time.perf_counter() - t0
+
+    # --- training-split reference statistics for gFID (cached after the first run)
+    t0 = time.perf_counter()
+    train_ref = _Reference(cfg, train_split, shards[train_split], n, weights.sha256)
+    i3d_train = RunningStats()
+    n_train = 0
+    if train_ref.running is not None or i3d is not None:
+        for _start, batch in _take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"), n):
+            if train_ref.running is not None:
+                train_ref.running.add(extractor(_frames(batch["x"])))
+            if i3d is not None:
+                i3d_train.add(i3d(batch["x"]))
+            n_train += batch["x"].shape[0]
+    train_ref.finish(n_train if train_ref.running is not None else n)
+    timings["reference_s"] = time.perf_counter() - t0
+
+    # --- generation: gFID (and FVD against the training clips)
+    t0 = time.perf_counter()
+    gfid = fvd_value = None
+    grid_gen: list[torch.Tensor] = []
+    if stage2 is not None:
+        gen_stats, i3d_gen = RunningStats(), RunningStats()
+        labels_all = torch.arange(n, dtype=torch.int64) % cfg.model.num_classes
+        for start in range(0, n, e.batch_size):
+            labels = labels_all[start:start + e.batch_size]
+            g_u8 = to_uint8(generate(stage1, stage2, labels, seed=e.seed, sampler=e.sampler, base_steps=e.base_steps,
+                                     decoder_steps=e.decoder_steps, guidance=e.guidance,
+                                     guidance_interval=e.guidance_interval,
+                                     indices=range(start, start + labels.shape[0])))
+            gen_stats.add(extractor(_frames(g_u8)))
+            if i3d is not None:
+                i3d_gen.add(i3d(g_u8))
+            if sum(g.shape[0] for g in grid_gen) < e.grid_size:
+                grid_gen.append(g_u8)
+        gfid = fid_from_stats(train_ref.stats, gen_stats.stats())
+        if i3d is not None:
+            fvd_value = fid_from_stats(i3d_train.stats(), i3d_gen.stats())
+    elif cfg.is_video and fvd_reason is None:
+        fvd_reason = "no stage-2 model: nothing to generate"
+    timings["generation_s"] = time.perf_counter() - t0
+
+    rfid = fid_from_stats(val_ref.stats, rec_stats.stats())
+    mean = lambda parts: float(torch.cat(parts).double().mean()) if parts else None  # noqa: E731
+    result: dict[str, Any] = {
+        "gfid": gfid, "rfid": rfid, "psnr": mean(psnrs), "ssim": mean(ssims),
+        "bits_per_pixel_prior": mean(bpp_prior), "bits_per_pixel_base": mean(bpp_base),
+        "fvd": fvd_value, "fvd_unavailable_reason": fvd_reason if fvd_value is None else None,
+        "rfvd": fid_from_stats(i3d_real.stats(), i3d_rec.stats()) if i3d is not None and n_val >= 2 else None,
+    }
+    if stage2 is None:
+        result["gfid_unavailable_reason"] = f"{stage2_root(cfg)}: no stage-2 model exported yet"
+    monitoring = n < MONITORING_BELOW
+    result["protocol"] = {
+        "num_samples": n, "num_reconstructed": n_val, "seed": e.seed,
+        "seeds": {"generate": f"sample_seeds({e.seed}, 0..{n - 1}) and {e.seed + 1}",
+                  "reconstruct": e.seed + RECON_SEED_OFFSET, "bits": f"{e.seed + BITS_SEED_OFFSET} + batch start"},
+        "labels": "i mod num_classes", "sampler": e.sampler, "base_steps": e.base_steps,
+        "decoder_steps": e.decoder_steps, "guidance": e.guidance, "guidance_interval": list(e.guidance_interval),
+        "ema": True, "train_split": train_split, "eval_split": eval_split, "resolution": cfg.data.resolution,
+        "fid_weights_source": weights.source, "fid_weights_path": weights.path, "fid_weights_sha256": weights.sha256,
+        "fid_resize": "tf-legacy bilinear to 299, (x - 128) / 128", "ssim": "torchmetrics gaussian 11x11 sigma 1.5",
+        "psnr": "per image on [0,255] after clipping, mean over images",
+        "bits_per_pixel": "ELBO bound / (ln 2 * H * W * frames), 4 stratified draws per image",
+        "gfid_reference": train_ref.info, "rfid_reference": val_ref.info,
+        "monitoring": monitoring,
+        "monitoring_note": (f"monitoring FID: N = {n} < {MONITORING_BELOW}; biased upwards, not comparable to "
+                            "50k-sample published numbers") if monitoring else "",
+    }
+    if cfg.is_video:
+        result["protocol"]["fvd"] = {"weights": e.i3d_weights, "sha256": getattr(i3d, "sha256", None),
+                                     "format": getattr(i3d, "kind", None), "min_frames": I3D_MIN_FRAMES,
+                                     "resolution": I3D_SIZE, "reference": f"{train_split} clips",
+                                     "conditioning": "none (unconditional over frames; the 5-frame-conditioned "
+                                                     "Kinetics protocol needs a conditional sampler)"}
+    result["inputs_digest"] = digest
+    timings["total_s"] = time.perf_counter() - t_start
+    result["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    _publish(cfg, result, grid_real, grid_rec, grid_gen, tracking)
+    result["markdown"] = metrics_markdown(result)
+    return result
+
+
+def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen, tracking) -> None:
+    """eval.json, grids, plots -> storage; the same to MLflow (metrics, images, artefacts)."""
+    root, e = cfg.storage.root, cfg.eval
+    with tracking.stage_run(cfg, "evaluate") as run_id, tempfile.TemporaryDirectory(prefix="ul-eval-") as tmp:
+        result["mlflow_run_id"] = run_id
+        numbers = {k: v for k, v in result.items() if k in METRIC_KEYS and v is not None and math.isfinite(v)}
+        numbers["num_samples"] = e.num_samples
+        tracking.log_metrics(run_id, numbers, step=0)
+        out, plots = Path(tmp) / "outputs", Path(tmp) / "plots"
+        if grid_real:
+            real = torch.cat(grid_real)[:e.grid_size]
+            rec = torch.cat(grid_rec)[:e.grid_size]
+            grid = reports.paired_grid(real, rec)
+            reports.save_png(grid, out / "reconstructions.png")
+            tracking.log_image(run_id, grid, "outputs/reconstructions.png")
+        if grid_gen:
+            gen = torch.cat(grid_gen)[:e.grid_size]
+            grid = reports.image_grid(gen[:, :, 0] if gen.ndim == 5 else gen)
+            reports.save_png(grid, out / "samples.png")
+            tracking.log_image(run_id, grid, "outputs/samples.png")
+            np.savez_compressed(out / "samples.npz", images=gen.numpy(),
+                                labels=(np.arange(gen.shape[0]) % cfg.model.num_classes))
+        current = {"run_id": run_id, **{k: result.get(k) for k in METRIC_KEYS},
+                   "loss_factor": cfg.stage1.loss_factor}
+        reports.write_reports(tracking.client(tracking.tracking_uri(cfg)), cfg.tracking.experiment, plots, current)
+        metrics_file = Path(tmp) / "eval.json"
+        metrics_file.write_text(json.dumps(result, indent=2, default=str))
+        for folder, dest in ((out, "outputs"), (plots, "plots")):
+            if folder.is_dir():
+                for f in sorted(folder.iterdir()):
+                    storage.upload_file(str(f), storage.join(root, dest, f.name))
+                tracking.log_artifact(run_id, folder, dest)
+        tracking.log_artifact(run_id, metrics_file, "metrics")
+        storage.write_json(storage.join(root, "metrics", "eval.json"), result)
+
+
+__all__ = ["run_evaluate", "metrics_markdown", "inputs_digest", "MONITORING_BELOW", "METRIC_KEYS"]

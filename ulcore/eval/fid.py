@@ -1,0 +1,161 @@
+"""Fréchet Inception Distance: feature statistics, the Fréchet distance between two Gaussians, and reference
+statistics computed once per (split, resolution, weights, N, data) and cached under a content hash.
+
+FID = ||mu1 - mu2||² + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})  (Heusel et al. 2017, eq. 6).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ulcore import storage
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64, unbiased (N - 1) covariance
+    n: int
+
+    def to_npz_bytes(self, meta: dict | None = None) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                 meta=np.array(json.dumps(meta or {}, sort_keys=True)))
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz_bytes(cls, data: bytes) -> tuple[FeatureStats, dict]:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(z["mu"], z["sigma"], int(z["n"])), json.loads(str(z["meta"]))
+
+
+def feature_statistics(features: np.ndarray) -> FeatureStats:
+    """Mean and unbiased covariance of (N, D) features, in float64 (N >= 2)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need (N >= 2, D) features, got shape {f.shape}")
+    return FeatureStats(f.mean(axis=0), np.cov(f, rowvar=False), f.shape[0])
+
+
+class RunningStats:
+    """Accumulates sum and outer products batch by batch, so features need not be held (float64)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total: np.ndarray | None = None
+        self.outer: np.ndarray | None = None
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if self.total is None:
+            self.total = np.zeros(f.shape[1])
+            self.outer = np.zeros((f.shape[1], f.shape[1]))
+        self.n += f.shape[0]
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+
+    def stats(self) -> FeatureStats:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.n}")
+        mu = self.total / self.n
+        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return FeatureStats(mu, (sigma + sigma.T) / 2, self.n)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a PSD matrix via eigh, negative round-off eigenvalues clipped to 0."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^{1/2}) = sum sqrt(eig(S1^{1/2} S2 S1^{1/2})): that matrix is symmetric PSD and similar to
+    S1 S2 (when S1 is invertible; by continuity otherwise), so no complex sqrtm and no offset hack is needed."""
+    r = _psd_sqrt(np.asarray(sigma1, dtype=np.float64))
+    m = r @ np.asarray(sigma2, dtype=np.float64) @ r
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||² + tr(S1 + S2) - 2 tr((S1 S2)^{1/2}), clipped at 0 against round-off (FID, eq. 6)."""
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    return float(max(value, 0.0))
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+# ---------------------------------------------------------------------------------------------- reference stats
+
+
+def reference_key(*, split: str, resolution: int, weights_sha256: str, n: int, data_fingerprint: str,
+                  frames: int = 1) -> tuple[str, dict]:
+    """(hash, key dict): what a cached reference-statistics file was computed from."""
+    key = {"split": split, "resolution": resolution, "frames": frames, "weights_sha256": weights_sha256, "n": n,
+           "data": data_fingerprint, "resize": "tf-legacy-bilinear-299", "version": 1}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key
+
+
+def data_fingerprint(shard_uris: list[str]) -> str:
+    """Identity of the shards: names plus their stats JSON contents (written by the shard stage, cheap to read)."""
+    digest = hashlib.sha256()
+    for uri in shard_uris:
+        digest.update(uri.rsplit("/", 1)[-1].encode())
+        stats_uri = uri[:-len(".tar")] + ".stats.json" if uri.endswith(".tar") else uri + ".stats.json"
+        if storage.exists(stats_uri):
+            digest.update(storage.read_bytes(stats_uri))
+    return digest.hexdigest()[:16]
+
+
+def reference_uri(root: str, key_hash: str) -> str:
+    return storage.join(root, "data", "fid_refs", f"{key_hash}.npz")
+
+
+def load_reference_stats(root: str, key_hash: str, key: dict) -> tuple[FeatureStats, dict] | None:
+    """The cached statistics for `key`, or None when absent or computed from something else."""
+    uri = reference_uri(root, key_hash)
+    if not storage.exists(uri):
+        return None
+    data = storage.read_bytes(uri)
+    stats, meta = FeatureStats.from_npz_bytes(data)
+    if meta != key:
+        return None
+    return stats, {"key_hash": key_hash, "file_sha256": hashlib.sha256(data).hexdigest(), "uri": uri,
+                   "cached": True, "n": stats.n}
+
+
+def store_reference_stats(root: str, key_hash: str, key: dict, stats: FeatureStats) -> dict:
+    """Write the statistics (with their key inside) atomically; returns the info dict."""
+    uri = reference_uri(root, key_hash)
+    data = stats.to_npz_bytes(key)
+    storage.write_bytes(uri, data)
+    return {"key_hash": key_hash, "file_sha256": hashlib.sha256(data).hexdigest(), "uri": uri, "cached": False,
+            "n": stats.n}
+
+
+def cached_reference_stats(root: str, key_hash: str, key: dict,
+                           compute: Callable[[], Iterable[np.ndarray]]) -> tuple[FeatureStats, dict]:
+    """Load <root>/data/fid_refs/<key_hash>.npz, or compute it from the feature batches `compute()` yields and
+    store it. Returns (stats, info), info = {key_hash, file_sha256, uri, cached, n}."""
+    found = load_reference_stats(root, key_hash, key)
+    if found is not None:
+        return found
+    running = RunningStats()
+    for feats in compute():
+        running.add(feats)
+    stats = running.stats()
+    return stats, store_reference_stats(root, key_hash, key, stats)
+
+
+__all__ = ["FeatureStats", "RunningStats", "feature_statistics", "trace_sqrt_product", "frechet_distance",
+           "fid_from_stats", "reference_key", "data_fingerprint", "reference_uri", "load_reference_stats",
+           "store_reference_stats", "cached_reference_stats"]

@@ -1,0 +1,201 @@
+"""What people look at after an evaluation: image grids, loss curves and the rate-distortion plot.
+
+Every plot is written twice: a CSV for `dvc plots` (one row per point, plain columns) and a PNG for MLflow and
+humans. Loss curves come from the MLflow metric history of the latest stage1 / stage2 runs of the experiment;
+the rate-distortion plot puts every evaluate run of the experiment on bits/pixel vs PSNR and vs FID.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LOSS_HINTS = ("loss", "elbo", "bits", "bpp", "nats")  # metric keys whose history is drawn as a loss curve
+
+
+def image_grid(images: torch.Tensor | np.ndarray, *, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """uint8 (N,C,H,W) images, or (N,C,T,H,W) clips (one row of frames per clip) -> uint8 (H', W', 3) grid."""
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8:
+        x = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if x.ndim == 5:
+        n, c, t = x.shape[:3]
+        columns = t
+        x = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, x.shape[3], x.shape[4])
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (N,C,H,W) batch, got shape {tuple(x.shape)}")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    columns = columns or max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / columns))
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    arr = x.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+    return grid
+
+
+def paired_grid(originals: torch.Tensor, reconstructions: torch.Tensor, *, columns: int = 8) -> np.ndarray:
+    """Originals and reconstructions interleaved row by row: row 2k = originals, row 2k+1 = their reconstructions."""
+    n = min(originals.shape[0], reconstructions.shape[0])
+    pieces = []
+    for start in range(0, n, columns):
+        pieces += [originals[start:start + columns], reconstructions[start:start + columns]]
+        if pieces[-1].shape[0] < columns:  # pad short rows so the pairs stay aligned
+            fill = torch.full((columns - pieces[-1].shape[0], *originals.shape[1:]), 255, dtype=torch.uint8)
+            pieces[-2] = torch.cat([pieces[-2], fill])
+            pieces[-1] = torch.cat([pieces[-1], fill])
+    if originals.ndim == 5:  # clips: first frames only, so the grid stays 2-D
+        pieces = [p[:, :, 0] for p in pieces]
+    return image_grid(torch.cat(pieces), columns=columns)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+
+
+# ---------------------------------------------------------------------------------------------- MLflow queries
+
+
+def _experiment_runs(client: Any, experiment: str) -> list[Any]:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return list(client.search_runs([exp.experiment_id], "", order_by=["attributes.start_time DESC"],
+                                   max_results=1000))
+
+
+def loss_histories(client: Any, experiment: str, stages: tuple[str, ...] = ("stage1", "stage2")) -> list[dict]:
+    """Rows {stage, run_id, key, step, value} of loss-like metrics of the latest finished run of each stage."""
+    rows: list[dict] = []
+    runs = _experiment_runs(client, experiment)
+    for stage in stages:
+        run = next((r for r in runs if r.data.tags.get("stage") == stage and r.info.status == "FINISHED"), None)
+        if run is None:
+            run = next((r for r in runs if r.data.tags.get("stage") == stage), None)
+        if run is None:
+            continue
+        for key in sorted(run.data.metrics):
+            if not any(h in key.lower() for h in LOSS_HINTS):
+                continue
+            for m in client.get_metric_history(run.info.run_id, key):
+                rows.append({"stage": stage, "run_id": run.info.run_id, "key": key, "step": m.step, "value": m.value})
+    rows.sort(key=lambda r: (r["stage"], r["key"], r["step"]))
+    return rows
+
+
+def rate_distortion_points(client: Any, experiment: str, current: dict | None = None) -> list[dict]:
+    """One row per evaluate run: bits/pixel (prior and base), PSNR, gFID, rFID, plus the run's loss factor."""
+    rows = []
+    for run in _experiment_runs(client, experiment):
+        if run.data.tags.get("stage") != "evaluate":
+            continue
+        m = run.data.metrics
+        if "psnr" not in m and "gfid" not in m:
+            continue
+        rows.append({"run_id": run.info.run_id, "loss_factor": run.data.params.get("stage1.loss_factor"),
+                     **{k: m.get(k) for k in ("bits_per_pixel_prior", "bits_per_pixel_base", "psnr", "ssim",
+                                              "gfid", "rfid")}})
+    if current and not any(r["run_id"] == current.get("run_id") for r in rows):
+        rows.append(current)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def plot_losses(rows: list[dict], png: str | Path) -> bool:
+    """One panel per stage, one line per metric key; False (no file) when there is no history."""
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = sorted({r["stage"] for r in rows})
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for key in sorted({r["key"] for r in rows if r["stage"] == stage}):
+            pts = [(r["step"], r["value"]) for r in rows if r["stage"] == stage and r["key"] == key]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+        ax.set_title(f"{stage} (latest run)")
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel("value")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_rate_distortion(rows: list[dict], png: str | Path) -> bool:
+    """bits/pixel (x) against PSNR and against FID (y), one point per evaluate run."""
+    usable = [r for r in rows if r.get("bits_per_pixel_prior") is not None]
+    if not usable:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, keys, label in ((a, ("psnr",), "PSNR (dB)"), (b, ("gfid", "rfid"), "FID")):
+        for key in keys:
+            pts = [(float(r["bits_per_pixel_prior"]), float(r[key])) for r in usable if r.get(key) is not None]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=key)
+        ax.set_xlabel("bits/pixel (stage-1 prior bound)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    a.set_title("rate vs distortion")
+    b.set_title("rate vs FID")
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_reports(client: Any, experiment: str, out_dir: str | Path, current: dict | None = None) -> dict[str, str]:
+    """Write plots/{losses.csv,loss_curves.png,rate_distortion.csv,rate_distortion.png}; returns name -> path."""
+    out = Path(out_dir)
+    written: dict[str, str] = {}
+    losses = loss_histories(client, experiment)
+    write_csv(out / "losses.csv", losses, ["stage", "key", "step", "value", "run_id"])
+    written["losses.csv"] = str(out / "losses.csv")
+    if plot_losses(losses, out / "loss_curves.png"):
+        written["loss_curves.png"] = str(out / "loss_curves.png")
+    points = rate_distortion_points(client, experiment, current)
+    write_csv(out / "rate_distortion.csv", points,
+              ["run_id", "loss_factor", "bits_per_pixel_prior", "bits_per_pixel_base", "psnr", "ssim", "gfid", "rfid"])
+    written["rate_distortion.csv"] = str(out / "rate_distortion.csv")
+    if plot_rate_distortion(points, out / "rate_distortion.png"):
+        written["rate_distortion.png"] = str(out / "rate_distortion.png")
+    return written
+
+
+__all__ = ["image_grid", "paired_grid", "save_png", "write_csv", "loss_histories", "rate_distortion_points",
+           "plot_losses", "plot_rate_distortion", "write_reports"]
