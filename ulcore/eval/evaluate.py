@@ -118,6 +118,11 @@ class _Reference:
                 self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
 
 
+def _progress(phase: str, done: int, total: int) -> None:
+    """One status line per batch: evaluation runs minutes on a CPU and should not look stuck."""
+    print(f"[evaluate] {phase}: {done}/{total}", flush=True)
+
+
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate the exported models; writes metrics/eval.json, plots/, outputs/ and an MLflow run."""
     from ulcore import tracking
@@ -182,6 +187,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
             grid_real.append(x_u8)
             grid_rec.append(rec_u8)
         n_val += x.shape[0]
+        _progress("reconstructions", n_val, n)
     val_ref.finish(n_val)
     timings["reconstruction_s"] = time.perf_counter() - t0
 
@@ -218,6 +224,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
                 i3d_gen.add(i3d(g_u8))
             if sum(g.shape[0] for g in grid_gen) < e.grid_size:
                 grid_gen.append(g_u8)
+            _progress("samples", start + labels.shape[0], n)
         gfid = fid_from_stats(train_ref.stats, gen_stats.stats())
         if i3d is not None:
             fvd_value = fid_from_stats(i3d_train.stats(), i3d_gen.stats())
