@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from ulcore.config import PRESETS, ConfigError, config_from_dict, load_config
+from ulcore.config import PRESETS, ConfigError, check_model_matches_data, config_from_dict, load_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -54,6 +54,13 @@ def test_invalid_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
         load_config(ROOT / "params.yaml", override)
     assert fragment in str(info.value)
+
+
+def test_video_source_with_image_nets_is_fine_to_shard_but_not_to_train():
+    cfg = load_config(ROOT / "params.yaml", ["data.source=embedded-video"])
+    with pytest.raises(ConfigError, match=r"model.frames = 1: data.source = 'embedded-video' needs model.frames > 1"):
+        check_model_matches_data(cfg)
+    check_model_matches_data(load_config(ROOT / "params.yaml"))
 
 
 def test_unknown_key_in_params_file(tmp_path):

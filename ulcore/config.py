@@ -424,9 +424,6 @@ def validate(cfg: Config) -> None:
            "must be divisible by the decoder's downsampling (model.patch_size x 2^(len(model.decoder_channels)-1))")
     _check(r // (m.patch_size * 2 ** (len(m.decoder_channels) - 1)) >= r // m.downsample, "model.decoder_channels",
            list(m.decoder_channels), "the decoder's innermost grid must not be coarser than the latent grid")
-    video_source = cfg.data.source in ("kinetics", "embedded-video")
-    _check(video_source == cfg.is_video, "model.frames", m.frames,
-           f"data.source = {cfg.data.source!r} needs model.frames {'> 1' if video_source else '= 1'}")
     if cfg.is_video:
         _check(m.frames == cfg.video.frames, "model.frames", m.frames, f"must equal video.frames = {cfg.video.frames}")
         _check(m.frames % m.temporal_downsample == 0, "model.temporal_downsample", m.temporal_downsample,
@@ -463,6 +460,15 @@ def validate(cfg: Config) -> None:
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "must be > 0")
     _check(cfg.ray.max_failures >= 0, "ray.max_failures", cfg.ray.max_failures, "must be >= 0")
     _check(cfg.ray.num_cpus >= 0, "ray.num_cpus", cfg.ray.num_cpus, "must be >= 0")
+
+
+def check_model_matches_data(cfg: Config) -> None:
+    """Stages that feed data to the nets need image nets for image data and video nets for clips (the shard stage
+    alone does not: `--set data.source=embedded-video` shards clips whatever the model section says)."""
+    video_source = cfg.data.source in ("kinetics", "embedded-video")
+    _check(video_source == cfg.is_video, "model.frames", cfg.model.frames,
+           f"data.source = {cfg.data.source!r} needs model.frames {'> 1' if video_source else '= 1'} "
+           f"(the tiny-video and kinetics600 presets set it)")
 
 
 def _validate_train(name: str, t: TrainConfig, num_workers: int) -> None:
@@ -517,6 +523,7 @@ def config_or_exit(params: str | Path | None, overrides: list[str]) -> Config:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "VideoConfig", "ShardConfig", "ModelConfig", "TrainConfig",
     "Stage1Config", "Stage2Config", "EncodeConfig", "EvalConfig", "TrackingConfig", "StorageConfig", "RayConfig",
-    "PRESETS", "SECTIONS", "load_config", "config_from_dict", "validate", "parse_override", "add_config_args",
+    "PRESETS", "SECTIONS", "load_config", "config_from_dict", "validate", "check_model_matches_data",
+    "parse_override", "add_config_args",
     "config_or_exit",
 ]

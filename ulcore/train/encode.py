@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ulcore import storage
-from ulcore.config import Config, config_from_dict
+from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
 from ulcore.data.shards import list_shards, read_stats, write_shard
 from ulcore.train.export import load_stage1, stage1_root
@@ -90,6 +90,7 @@ def run_encode(cfg: Config) -> dict[str, Any]:
 
     from ulcore.data.ray_init import ensure_ray
 
+    check_model_matches_data(cfg)
     encoder_id = encoder_digest(cfg)
     shards_root = storage.join(cfg.storage.root, "data", "shards")
     jobs = []

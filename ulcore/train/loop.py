@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ulcore import storage, tracking
-from ulcore.config import Config, TrainConfig, config_from_dict
+from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
 from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.ema import EMA
 from ulcore.train.precision import autocast, resolve_precision
@@ -268,6 +268,7 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
     metrics/<stage>.json, and register the models in MLflow under the configured alias."""
     from ulcore.train.export import export_modules
 
+    check_model_matches_data(cfg)
     digest = run_digest(cfg, spec, inputs)
     out = storage.join(cfg.storage.root, "models", spec.name)
     metrics_uri = storage.join(cfg.storage.root, "metrics", f"{spec.name}.json")
