@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from benchmarks._fixture import sharded_config
+from _fixture import sharded_config  # benchmarks/ is sys.path[0] when run as a script
 from ulcore import storage
 from ulcore.data import loaders
 from ulcore.data.shards import list_shards

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks._fixture import sharded_config
+from _fixture import sharded_config  # benchmarks/ is sys.path[0] when run as a script
 from ulcore.train import stage1
 from ulcore.train.loop import fit, run_digest
 
