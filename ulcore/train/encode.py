@@ -7,6 +7,7 @@ data/latents/stats.json holds per-channel mean and std over the training split.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Any
@@ -18,7 +19,7 @@ from ulcore import storage
 from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
 from ulcore.data.shards import list_shards, read_stats, write_shard
-from ulcore.train.export import load_stage1, stage1_root
+from ulcore.train.export import load_encoder, stage1_root
 
 
 def latents_root(cfg: Config) -> str:
@@ -31,6 +32,12 @@ def encoder_digest(cfg: Config) -> str:
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: run the stage1 stage first (python -m flows.stage1)")
     return storage.read_json(uri)["digest"]
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_encoder(root: str, encoder_id: str, device: str) -> torch.nn.Module:
+    """Ray reuses worker processes across tasks: load the encoder once per process, not once per shard."""
+    return load_encoder(root).to(device)
 
 
 def _shard_digest(shard_uri: str) -> str:
@@ -48,8 +55,7 @@ def encode_shard(shard_uri: str, out_uri: str, cfg_dict: dict[str, Any], env: di
     if done and done.get("encoder") == encoder_id and done.get("source_digest") == source:
         return {**done, "skipped": True}
     device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
-    stage1 = load_stage1(stage1_root(cfg))
-    encoder = stage1.encoder.to(device)
+    encoder = _cached_encoder(stage1_root(cfg), encoder_id, str(device))
     sums: dict[str, Any] = {}
 
     def samples():

@@ -92,6 +92,11 @@ def load_stage1(root: str) -> Stage1Bundle:
                         prior=_load_weights(build_prior(m), root, "prior"), config=cfg)
 
 
+def load_encoder(root: str) -> nn.Module:
+    """Only the frozen encoder (the encode pass needs nothing else)."""
+    return _load_weights(build_encoder(_load_config(root).model), root, "encoder")
+
+
 def load_stage2(root: str) -> Stage2Bundle:
     cfg = _load_config(root)
     return Stage2Bundle(base=_load_weights(build_base_model(cfg.model), root, "base"), config=cfg)
