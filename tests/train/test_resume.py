@@ -101,3 +101,19 @@ def test_ema_starts_equal_and_follows_the_halflife():
         model.weight.fill_(1.0)
     ema.update(model, batch_samples=10)  # one half-life: halfway to the model
     assert ema.module.weight.item() == pytest.approx(0.5)
+
+
+def test_warmup_is_linear_in_samples_and_the_scheduler_follows_it():
+    from ulcore.config import load_config as load
+    from ulcore.train.loop import lr_at
+
+    t = load(None, ["stage1.batch_size=16", "stage1.warmup_samples=64"]).stage1
+    assert [lr_at(16 * k, t) for k in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step * t.batch_size, t))
+    seen = []
+    for _ in range(5):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([t.lr * f for f in (0.25, 0.5, 0.75, 1.0, 1.0)])

@@ -107,7 +107,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     objective = spec.build(cfg).to(device)
     ema = EMA(objective, t.ema_halflife_samples)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step * t.batch_size, t))
     progress = Progress(samples=0, step=0)
 
     checkpoint = ray.train.get_checkpoint()
@@ -134,8 +134,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     count, tic, first_step = 0, time.perf_counter(), progress.step
     while progress.samples < t.total_samples:
         batch = next(batches)
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * lr_at(progress.samples, t)
         gen = step_generator(t.seed, rank, progress.step)
         with autocast(precision, device):
             terms = model({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, gen)
