@@ -159,11 +159,16 @@ def upload_file(local_path: str, uri: str) -> None:
         return
     if os.path.abspath(local_path) == os.path.abspath(uri):
         return
-    fd, tmp = _atomic_local(uri)
+    _atomic_copy(uri, lambda tmp: shutil.copyfile(local_path, tmp))
+
+
+def _atomic_copy(target: str, fill: Any) -> None:
+    """Write `target` through a temp file in its folder that `fill(tmp)` fills, then rename: never a partial file."""
+    fd, tmp = _atomic_local(target)
     os.close(fd)
     try:
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, uri)
+        fill(tmp)
+        os.replace(tmp, target)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -171,25 +176,22 @@ def upload_file(local_path: str, uri: str) -> None:
 
 def download_file(uri: str, local_path: str) -> None:
     """Copy `uri` to a local file, atomically (an interrupted download leaves no partial file)."""
-    fd, tmp = _atomic_local(str(local_path))
-    os.close(fd)
-    try:
-        if is_s3(uri):
-            from botocore.exceptions import ClientError
 
-            bucket, key = split_s3(uri)
-            try:
-                client().download_file(bucket, key, tmp, Config=_transfer_config())
-            except ClientError as exc:
-                if _is_missing(exc):
-                    raise FileNotFoundError(f"{uri}: no such S3 object") from exc
-                raise
-        else:
+    def fetch(tmp: str) -> None:
+        if not is_s3(uri):
             shutil.copyfile(uri, tmp)
-        os.replace(tmp, local_path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+            return
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            client().download_file(bucket, key, tmp, Config=_transfer_config())
+        except ClientError as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(f"{uri}: no such S3 object") from exc
+            raise
+
+    _atomic_copy(str(local_path), fetch)
 
 
 def read_text(uri: str) -> str:
