@@ -1,0 +1,63 @@
+"""Named presets: overlays on the dataclass defaults of ulcore.config, picked by `preset:` in params.yaml.
+
+`tiny` (the defaults) trains on a 2-core CPU in minutes; `tiny-video` is its clip counterpart; `imagenet512` and
+`kinetics600` are the paper-scale settings (sizes follow ul_method.md §5, UL §5.1 and §5.7).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},  # the dataclass defaults: Fashion-MNIST at 32², trains on a 2-core CPU in minutes
+    "tiny-video": {
+        "data": {"source": "embedded-video", "resolution": 32, "random_flip": False,
+                 "embedded_train_per_class": 24, "embedded_val_per_class": 8},
+        "video": {"frames": 8, "fps": 8.0},
+        "model": {"frames": 8, "temporal_downsample": 2, "latent_channels": 4},
+        "stage1": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
+                   "ckpt_every_samples": 1024, "eval_batch": 16},
+        "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
+                   "ckpt_every_samples": 1024},
+        "eval": {"num_samples": 32, "batch_size": 16, "grid_size": 16},
+    },
+    "imagenet512": {
+        "data": {"source": "imagenet", "resolution": 512, "embedded_train_per_class": 0},
+        "shard": {"samples_per_shard": 2000, "max_parallel": 16},
+        "model": {"num_classes": 1000, "latent_channels": 32, "patch_size": 2,
+                  "encoder_channels": (128, 256, 512, 512), "encoder_blocks": 2,
+                  "prior_width": 1024, "prior_depth": 8,
+                  "decoder_channels": (128, 256, 512), "decoder_blocks": 2, "decoder_width": 1024,
+                  "decoder_depth": 8, "decoder_shift": 2 * math.log(64 / 512),
+                  "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
+        "stage1": {"batch_size": 256, "lr": 1e-4, "warmup_samples": 2_560_000, "total_samples": 128_000_000,
+                   "ema_halflife_samples": 10_000_000, "loss_factor": 1.5, "decoder_bias": -3.0,
+                   "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000, "eval_steps": 64},
+        "stage2": {"batch_size": 1024, "lr": 1e-4, "warmup_samples": 10_240_000, "total_samples": 512_000_000,
+                   "ema_halflife_samples": 10_000_000, "log_every_samples": 102_400,
+                   "ckpt_every_samples": 10_240_000},
+        "encode": {"batch_size": 64},
+        "eval": {"num_samples": 50_000, "sampler": "ancestral", "base_steps": 256, "decoder_steps": 256,
+                 "guidance": 1.5, "guidance_interval": (-3.0, 5.0)},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    },
+    "kinetics600": {
+        "data": {"source": "kinetics", "resolution": 128, "random_flip": False},
+        "video": {"frames": 16, "fps": 8.0, "clip_format": "npy"},
+        "shard": {"samples_per_shard": 500, "max_parallel": 16},
+        "model": {"num_classes": 600, "frames": 16, "temporal_downsample": 4, "latent_channels": 32,
+                  "patch_size": 2, "encoder_channels": (128, 256, 512, 512), "encoder_blocks": 2,
+                  "prior_width": 1024, "prior_depth": 8, "decoder_channels": (128, 256, 512),
+                  "decoder_blocks": 2, "decoder_width": 1024, "decoder_depth": 8,
+                  "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
+        "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
+                   "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
+                   "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000},
+        "stage2": {"batch_size": 512, "lr": 1e-4, "total_samples": 256_000_000,
+                   "warmup_samples": 5_120_000, "ema_halflife_samples": 10_000_000,
+                   "log_every_samples": 51_200, "ckpt_every_samples": 5_120_000},
+        "eval": {"num_samples": 50_000, "sampler": "ancestral", "base_steps": 256, "decoder_steps": 256},
+        "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
+    },
+}
