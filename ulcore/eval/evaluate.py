@@ -8,7 +8,10 @@ Protocol (all from `eval.*`, logged with every number):
 - rFID / PSNR / SSIM / bits per pixel: the first `num_samples` held-out images (data.splits[1], or the training
   split when there is only one), reconstructed with seed eval.seed + 2 (decoder_steps, sampler); rFID compares
   the reconstructions with those same images (their statistics cached too).
-- Video: FID on all frames; FVD on I3D features of whole clips (see fvd.py) when eval.i3d_weights is given.
+- Video: FID on all frames; FVD on I3D features of whole clips (see fvd.py) when eval.i3d_weights is given:
+  unconditional clips vs training clips, or with eval.fvd_context_frames = c > 0 the Kinetics-600 frame-prediction
+  protocol (UL §5.7): held-out clip i mod N_val's first c real frames + generated rest (replacement conditioning,
+  fvd.predicted_clips), FVD on the full clips, context included, vs those held-out clips.
 - num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
   published 50k-sample numbers; eval.json says so.
 Rerun with nothing changed does no work: eval.json stores a digest of every input (models, shards, params,
@@ -33,7 +36,7 @@ from ulcore.config import Config
 from ulcore.eval import reports
 from ulcore.eval.fid import (RunningStats, data_fingerprint, fid_from_stats, load_reference_stats, reference_key,
                              store_reference_stats)
-from ulcore.eval.fvd import I3D_MIN_FRAMES, I3D_SIZE, I3DFeatures, I3DUnavailable
+from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted_clips
 from ulcore.eval.image_metrics import psnr, ssim
 from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
 
@@ -90,6 +93,8 @@ def metrics_markdown(result: dict[str, Any]) -> str:
               f"{p['gfid_reference']['key_hash'] if p.get('gfid_reference') else 'n/a'}."]
     if result.get("fvd_unavailable_reason"):
         lines.append(f"FVD unavailable: {result['fvd_unavailable_reason']}")
+    elif p.get("fvd"):
+        lines.append(f"FVD protocol: {p['fvd']['summary']}.")
     if p["monitoring"]:
         lines.append(f"_{p['monitoring_note']}_")
     if result.get("mlflow_run_id"):
@@ -220,17 +225,32 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
                                      guidance_interval=e.guidance_interval,
                                      indices=range(start, start + labels.shape[0])))
             gen_stats.add(extractor(_frames(g_u8)))
-            if i3d is not None:
+            if i3d is not None and not e.fvd_context_frames:
                 i3d_gen.add(i3d(g_u8))
             if sum(g.shape[0] for g in grid_gen) < e.grid_size:
                 grid_gen.append(g_u8)
             _progress("samples", start + labels.shape[0], n)
         gfid = fid_from_stats(train_ref.stats, gen_stats.stats())
-        if i3d is not None:
+        if i3d is not None and not e.fvd_context_frames:
             fvd_value = fid_from_stats(i3d_train.stats(), i3d_gen.stats())
     elif cfg.is_video and fvd_reason is None:
         fvd_reason = "no stage-2 model: nothing to generate"
     timings["generation_s"] = time.perf_counter() - t0
+
+    # --- FVD as frame prediction (eval.fvd_context_frames > 0): held-out clips' first frames in, the rest generated
+    grid_pred: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if stage2 is not None and i3d is not None and e.fvd_context_frames:
+        t0 = time.perf_counter()
+        i3d_pred, n_pred = RunningStats(), 0
+        held_out = lambda: eval_batches(shards[eval_split], batch_size=e.batch_size, kind="images")  # noqa: E731
+        for real_u8, pred_u8 in predicted_clips(stage1, stage2, held_out, cfg):
+            i3d_pred.add(i3d(pred_u8))
+            if sum(r.shape[0] for r, _ in grid_pred) < e.grid_size:
+                grid_pred.append((real_u8, pred_u8))
+            n_pred += real_u8.shape[0]
+            _progress("predictions", n_pred, n)
+        fvd_value = fid_from_stats(i3d_real.stats(), i3d_pred.stats())
+        timings["prediction_s"] = time.perf_counter() - t0
 
     rfid = fid_from_stats(val_ref.stats, rec_stats.stats())
     mean = lambda parts: float(torch.cat(parts).double().mean()) if parts else None  # noqa: E731
@@ -260,20 +280,16 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
                             "50k-sample published numbers") if monitoring else "",
     }
     if cfg.is_video:
-        result["protocol"]["fvd"] = {"weights": e.i3d_weights, "sha256": getattr(i3d, "sha256", None),
-                                     "format": getattr(i3d, "kind", None), "min_frames": I3D_MIN_FRAMES,
-                                     "resolution": I3D_SIZE, "reference": f"{train_split} clips",
-                                     "conditioning": "none (unconditional over frames; the 5-frame-conditioned "
-                                                     "Kinetics protocol needs a conditional sampler)"}
+        result["protocol"]["fvd"] = fvd_protocol(cfg, i3d, train_split=train_split, eval_split=eval_split)
     result["inputs_digest"] = digest
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    _publish(cfg, result, grid_real, grid_rec, grid_gen, tracking)
+    _publish(cfg, result, grid_real, grid_rec, grid_gen, tracking, grid_pred)
     result["markdown"] = metrics_markdown(result)
     return result
 
 
-def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen, tracking) -> None:
+def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen, tracking, grid_pred=()) -> None:
     """eval.json, grids, plots -> storage; the same to MLflow (metrics, images, artefacts)."""
     root, e = cfg.storage.root, cfg.eval
     with tracking.stage_run(cfg, "evaluate") as run_id, tempfile.TemporaryDirectory(prefix="ul-eval-") as tmp:
@@ -295,6 +311,14 @@ def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen,
             tracking.log_image(run_id, grid, "outputs/samples.png")
             np.savez_compressed(out / "samples.npz", images=gen.numpy(),
                                 labels=(np.arange(gen.shape[0]) % cfg.model.num_classes))
+        if grid_pred:  # frame prediction: each held-out clip's row, then its prediction's row (one frame a column)
+            real = torch.cat([r for r, _ in grid_pred])[:e.grid_size]
+            pred = torch.cat([q for _, q in grid_pred])[:e.grid_size]
+            grid = reports.image_grid(torch.stack([real, pred], dim=1).flatten(0, 1))
+            reports.save_png(grid, out / "predictions.png")
+            tracking.log_image(run_id, grid, "outputs/predictions.png")
+            np.savez_compressed(out / "predictions.npz", real=real.numpy(), predicted=pred.numpy(),
+                                context_frames=e.fvd_context_frames)
         current = {"run_id": run_id, **{k: result.get(k) for k in METRIC_KEYS},
                    "loss_factor": cfg.stage1.loss_factor}
         reports.write_reports(tracking.client(tracking.tracking_uri(cfg)), cfg.tracking.experiment, plots, current)

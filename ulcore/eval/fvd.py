@@ -8,12 +8,20 @@ Both get clips as float (N, 3, T, 224, 224) in [-1, 1]: frames bilinearly resize
 clips shorter than 16 frames repeated nearest-in-time to 16 (the network's temporal receptive field; recorded
 in the protocol). No file, or a file that fails to load: FVD is None with the reason - never a number from a
 stand-in network.
+
+Protocol (`fvd_protocol`, logged with the number). eval.fvd_context_frames = 0: clips generated unconditionally,
+compared with training clips. c > 0: frame prediction as in the Kinetics-600 setup (UL §5.7 after Video Diffusion
+Models, Ho et al. 2022: 16 frames at 128², 5 given, 11 generated; `predicted_clips`): sample i continues held-out
+clip i mod N_val from its first c real frames by training-free replacement conditioning (ulcore.diffusion.sampling),
+and FVD compares the full T-frame clips, context included, with those held-out clips.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +34,7 @@ from ulcore.eval.inception import file_sha256, is_torchscript
 I3D_SIZE = 224
 I3D_MIN_FRAMES = 16
 NUM_CLASSES = 400
+PREDICTION_SEED_OFFSET = 5  # predicted clips use noise streams eval.seed + 5 .. + 8 (generate() takes four)
 
 
 def _same_pad(size: int, k: int, s: int) -> tuple[int, int]:
@@ -212,4 +221,63 @@ def fvd_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     return fid_from_stats(a, b)
 
 
-__all__ = ["InceptionI3d", "I3DFeatures", "I3DUnavailable", "fvd", "fvd_from_stats", "I3D_SIZE", "I3D_MIN_FRAMES"]
+# --------------------------------------------------------------------------------------- frame prediction
+
+
+def predicted_clips(stage1, stage2, held_out: Callable[[], Iterable[dict]],
+                    cfg) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(real, predicted) uint8 clip batches for eval.num_samples samples: sample i continues held-out clip i mod N_val
+    (`held_out()` yields the split in shard order; it is read again when the split is shorter) from its first
+    eval.fvd_context_frames frames, with per-sample seeds from (eval.seed + PREDICTION_SEED_OFFSET, i) and the null
+    class label (frames are the only conditioning, as in the frame-prediction literature). predicted[:, :, :c] equals
+    real[:, :, :c] exactly: the decoder's replacement ends on the real frames, which round-trip through float."""
+    from ulcore.data.loaders import to_float, to_uint8
+    from ulcore.diffusion.sampling import generate
+
+    e, c = cfg.eval, cfg.eval.fvd_context_frames
+    done = 0
+    while done < e.num_samples:
+        before = done
+        for batch in held_out():
+            real = torch.as_tensor(batch["x"][: e.num_samples - done])
+            if real.shape[0] == 0:
+                break
+            labels = torch.full((real.shape[0],), cfg.model.num_classes, dtype=torch.int64)
+            predicted = generate(stage1, stage2, labels, seed=e.seed + PREDICTION_SEED_OFFSET, sampler=e.sampler,
+                                 base_steps=e.base_steps, decoder_steps=e.decoder_steps, guidance=e.guidance,
+                                 guidance_interval=e.guidance_interval, indices=range(done, done + real.shape[0]),
+                                 context=to_float(real[:, :, :c]),
+                                 reconstruction_guidance=e.fvd_reconstruction_guidance)
+            yield real, to_uint8(predicted)
+            done += real.shape[0]
+        if done == before:
+            raise ValueError("frame prediction: the held-out split has no clips to take the context from")
+
+
+def fvd_protocol(cfg, i3d: I3DFeatures | None, *, train_split: str, eval_split: str) -> dict[str, Any]:
+    """The FVD protocol fields logged with the number (eval.json, MLflow)."""
+    m, e, c = cfg.model, cfg.eval, cfg.eval.fvd_context_frames
+    common = {"weights": e.i3d_weights, "sha256": getattr(i3d, "sha256", None), "format": getattr(i3d, "kind", None),
+              "min_frames": I3D_MIN_FRAMES, "resolution": I3D_SIZE, "frames": m.frames}
+    if c == 0:
+        return {**common, "reference": f"{train_split} clips", "context_frames": 0, "generated_frames": m.frames,
+                "context_included": False, "conditioning": "none (unconditional clips, labels i mod num_classes)",
+                "summary": f"unconditional {m.frames}-frame clips vs {train_split} clips"}
+    latent, w = c // m.temporal_downsample, e.fvd_reconstruction_guidance
+    seed = e.seed + PREDICTION_SEED_OFFSET
+    return {**common, "reference": f"{eval_split} clips (the clips the context comes from)",
+            "context_frames": c, "generated_frames": m.frames - c, "context_included": True,
+            "conditioning": f"replacement (Ho et al. 2022 §3.1): latent frames 0..{latent - 1} in the base model, "
+                            f"pixel frames 0..{c - 1} in the decoder",
+            "reconstruction_guidance": w,
+            "context_latent_frames": latent, "context_pixel_only_frames": c - latent * m.temporal_downsample,
+            "context_encoding": f"first {c} frames held on the last one to {m.frames} frames, then encoded",
+            "clips": f"sample i continues {eval_split} clip i mod N_val; noise sample_seeds({seed} + j, i), "
+                     "j = 0..3; null class label",
+            "summary": f"{c} real + {m.frames - c} generated frames, replacement conditioning"
+                       + (f" + reconstruction guidance {w:g}" if w else "")
+                       + f", FVD on all {m.frames} frames (context included) vs {eval_split} clips"}
+
+
+__all__ = ["InceptionI3d", "I3DFeatures", "I3DUnavailable", "fvd", "fvd_from_stats", "predicted_clips", "fvd_protocol",
+           "I3D_SIZE", "I3D_MIN_FRAMES", "PREDICTION_SEED_OFFSET"]
