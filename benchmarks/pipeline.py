@@ -4,12 +4,16 @@ functions called directly in one process, and the time of a no-op `dvc repro`.
     python benchmarks/pipeline.py [--set section.key=value ...]     (smoke scale by default: --full for params.yaml)
 
 Each run happens in a fresh temporary git + DVC copy of the project, so nothing here touches your outputs.
-Reports: direct wall time, Prefect wall time, ratio direct/Prefect (target >= 0.9), no-op `dvc repro` (target <= 10 s).
+Reports: direct wall time, Prefect wall time, ratio direct/Prefect (target >= 0.9), no-op `dvc repro` (target <= 10 s),
+and where the difference goes: each stage's time both ways (through Prefect a stage includes its subflow, its
+`dvc status` check and its `dvc commit`) and the rest (process start-up, Prefect's temporary API server, MLflow
+parent run, summaries).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -23,21 +27,36 @@ sys.path.insert(0, str(REPO / "tests" / "flows"))
 import flowkit as conftest  # noqa: E402  (project copies and the smoke-scale params)
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> float:
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Wall time of the command and the per-stage seconds it printed on a `STAGE_SECONDS {json}` line."""
     start = time.perf_counter()
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return time.perf_counter() - start
+    lines = [line for line in out.stdout.splitlines() if line.startswith("STAGE_SECONDS ")]
+    return time.perf_counter() - start, json.loads(lines[-1].split(" ", 1)[1]) if lines else {}
 
 
 DIRECT = """
-import time
+import json, time
 from ulcore.config import load_config
 from flows._common import STAGES, resolve
 cfg = load_config("params.yaml")
+seconds = {}
 for stage in STAGES:
+    start = time.perf_counter()
     resolve(stage)(cfg)
+    seconds[stage] = time.perf_counter() - start
+print("STAGE_SECONDS", json.dumps(seconds))
+"""
+
+# What `python -m flows.pipeline` runs, plus printing the per-stage seconds the flow returns.
+THROUGH_PREFECT = """
+import json
+from flows.pipeline import ul
+from flows._common import STAGES
+result = ul(params="params.yaml", overrides=[])
+print("STAGE_SECONDS", json.dumps({stage: result[stage + "_s"] for stage in STAGES}))
 """
 
 
@@ -55,11 +74,18 @@ def main() -> None:
         py = sys.executable
         # Warm the Prefect home once (the first ephemeral start creates its database), as a second run would.
         _run([py, "-c", "import flows; from prefect import flow\n@flow\ndef w(): pass\nw()"], prefect_dir, env)
-        direct_s = _run([py, "-c", DIRECT], direct_dir, env)
-        prefect_s = _run([py, "-m", "flows.pipeline"], prefect_dir, env)
+        direct_s, direct_stages = _run([py, "-c", DIRECT], direct_dir, env)
+        prefect_s, prefect_stages = _run([py, "-c", THROUGH_PREFECT], prefect_dir, env)
         dvc = str(Path(py).parent / "dvc")
-        noop_s = _run([dvc, "repro"], prefect_dir, env)  # the ul flow recorded every stage: nothing to run
+        noop_s, _ = _run([dvc, "repro"], prefect_dir, env)  # the ul flow recorded every stage: nothing to run
     ratio = direct_s / prefect_s
+    print("| stage | direct s | through Prefect s (incl. dvc status + commit) |")
+    print("| --- | --- | --- |")
+    for stage, seconds in direct_stages.items():
+        print(f"| {stage} | {seconds:.1f} | {prefect_stages.get(stage, float('nan')):.1f} |")
+    print(f"| rest of the process | {direct_s - sum(direct_stages.values()):.1f} "
+          f"| {prefect_s - sum(prefect_stages.values()):.1f} |")
+    print()
     print("| measure | value | target |")
     print("| --- | --- | --- |")
     print(f"| stage functions called directly | {direct_s:.1f} s | |")

@@ -14,16 +14,11 @@ Otherwise recording is skipped with a message saying why.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from ulcore.config import Config, ConfigError, load_config
-
-DVC_TIMEOUT_S = 600
-
 
 def dvc_root(start: Path | None = None) -> Path | None:
     here = (start or Path.cwd()).resolve()
@@ -31,13 +26,6 @@ def dvc_root(start: Path | None = None) -> Path | None:
         if (folder / ".dvc").is_dir():
             return folder
     return None
-
-
-def dvc(root: Path, *args: str, timeout: float = DVC_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """Run the DVC CLI of this interpreter's environment in `root`."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def recording_blocker(cfg: Config, stages: list[str]) -> tuple[Path | None, str]:
@@ -66,32 +54,39 @@ def recording_blocker(cfg: Config, stages: list[str]) -> tuple[Path | None, str]
     return root, ""
 
 
+def _repo(root: Path):
+    """DVC's Python API in this process: a `dvc` subprocess costs ~1.3 s of start-up per call, this ~0.2 s."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.repo import Repo
+
+    return Repo(str(root))
+
+
 def stage_up_to_date(root: Path, stage: str) -> bool:
     """`dvc status <stage>` reports nothing: deps, params and outs match dvc.lock."""
-    out = dvc(root, "status", "--json", stage, timeout=120)
-    if out.returncode != 0:
-        return False
-    try:
-        import json
-
-        return json.loads(out.stdout or "{}") == {}
-    except ValueError:
-        return False
+    with _repo(root) as repo:
+        return not repo.status(targets=[stage])
 
 
 def commit_stage(root: Path, stage: str) -> None:
-    out = dvc(root, "commit", "--force", stage)
-    if out.returncode != 0:
-        raise RuntimeError(f"dvc commit {stage} failed (rc {out.returncode}): {(out.stderr or out.stdout)[-2000:]}")
+    """`dvc commit --force <stage>`: hash deps, params and outs into dvc.lock and the DVC cache."""
+    try:
+        with _repo(root) as repo:
+            repo.commit(stage, force=True)
+    except Exception as exc:  # DVC raises its own DvcException subclasses; name the stage and keep the cause
+        raise RuntimeError(f"dvc commit {stage} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def has_remote(root: Path) -> bool:
-    out = dvc(root, "remote", "list", timeout=60)
-    return out.returncode == 0 and bool(out.stdout.strip())
+    with _repo(root) as repo:
+        return bool(repo.config.get("remote"))
 
 
 def push(root: Path) -> str:
-    out = dvc(root, "push")
-    if out.returncode != 0:
-        raise RuntimeError(f"dvc push failed (rc {out.returncode}): {(out.stderr or out.stdout)[-2000:]}")
-    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"
+    """`dvc push`: every cached version to the default remote; returns what was done."""
+    try:
+        with _repo(root) as repo:
+            pushed = repo.push()
+    except Exception as exc:
+        raise RuntimeError(f"dvc push failed: {type(exc).__name__}: {exc}") from exc
+    return f"{pushed} file(s) pushed" if pushed else "everything up to date on the remote"

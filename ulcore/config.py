@@ -44,6 +44,7 @@ class VideoConfig:
     frames: int = 16  # frames per clip (paper: 16)
     fps: float = 8.0  # clips are resampled to this frame rate
     clip_format: str = "npy"  # npy (uint8 frames) | mp4 (bytes) inside the shards
+    clip_position: str = "centre"  # centre | start: where in the annotated segment the frames are cut
     annotations: dict[str, str] = field(
         default_factory=lambda: {"train": "train.csv", "val": "validate.csv"}
     )  # split -> annotations/<file>
@@ -108,6 +109,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 on CUDA and on CPUs with AMX / AVX512-bf16
     seed: int = 0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps tolerated (skipped) before stopping
+    activation_checkpointing: bool = False  # recompute transformer/residual blocks in backward: less memory, ~1/3 more FLOPs
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = 200  # generated samples for gFID; reconstructions for rFID / PSNR
+    reference_samples: int = 500  # training images in the gFID reference statistics (cached); 0 = the whole split
     sampler: str = "ddim"  # ddim | ancestral
     base_steps: int = 32  # base-model sampling steps
     decoder_steps: int = 32  # decoder sampling steps
@@ -207,6 +210,7 @@ SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
 _CHOICES = {
     ("data", "source"): ("embedded", "embedded-video", "imagenet", "kinetics"),
     ("video", "clip_format"): ("npy", "mp4"),
+    ("video", "clip_position"): ("centre", "start"),
     ("shard", "image_format"): ("png", "webp"),
     ("eval", "sampler"): ("ddim", "ancestral"),
     ("stage1", "precision"): ("auto", "bf16", "fp32"),
@@ -401,6 +405,7 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     for key in ("num_samples", "base_steps", "decoder_steps", "batch_size", "grid_size"):
         _check(getattr(e, key) >= 1, f"eval.{key}", getattr(e, key), "must be >= 1")
+    _check(e.reference_samples >= 0, "eval.reference_samples", e.reference_samples, "must be >= 0 (0 = whole split)")
     _check(e.guidance >= 0, "eval.guidance", e.guidance, "must be >= 0 (1 = no guidance)")
     _check(len(e.guidance_interval) == 2 and e.guidance_interval[0] <= e.guidance_interval[1], "eval.guidance_interval",
            list(e.guidance_interval), "must be [lo, hi] with lo <= hi (log-SNR)")

@@ -8,11 +8,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from shard_fixtures import CLIP_FRAMES, CLIP_RES, LABELS, video_cfg
-from ulcore.data import loaders
-from ulcore.data.shards import SampleError
+from shard_fixtures import CLIP_FPS, CLIP_FRAMES, CLIP_RES, LABELS, video_cfg
+from ulcore.data import kinetics, loaders
+from ulcore.data.shards import Item, SampleError
 from ulcore.data.sharding import run_shard
-from ulcore.data.video import decode_clip
+from ulcore.data.video import decode_clip, write_video
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,34 @@ def test_annotation_names_are_configurable(ray_session, kinetics_tree, tmp_path)
                     "video.annotations={val: kinetics600_val.csv}", "video.video_dirs={val: val}")
     summary = run_shard(cfg)
     assert summary["splits"]["val"]["samples"] == expected["val"]["samples"]
+
+
+def _ramp_clip(path, seconds: float, fps: float = 25.0) -> None:
+    """A clip whose grey level is 40 x its time in seconds: a frame's value says when it was cut."""
+    frames = int(seconds * fps)
+    values = np.round(np.arange(frames) / fps * 40).astype(np.uint8)
+    write_video(np.broadcast_to(values[:, None, None, None], (frames, 32, 48, 3)).copy(), str(path), fps=fps)
+
+
+@pytest.mark.parametrize("position", ["centre", "start"])
+def test_frames_are_cut_from_the_centre_of_the_annotated_segment(tmp_path, position):
+    path = tmp_path / "ramp_000010_000014.mp4"
+    _ramp_clip(path, 4.0)
+    cfg = video_cfg(str(tmp_path), str(tmp_path / "out"), f"video.clip_position={position}")
+    item = Item("ramp", str(path), 0, (("time_start", 10), ("time_end", 14)))
+    sample = kinetics.make_sample(item, cfg=cfg)
+    span = CLIP_FRAMES / CLIP_FPS  # 0.5 s of frames out of a 4 s segment
+    start = (4.0 - span) / 2 if position == "centre" else 0.0
+    assert sample["json"]["start_s"] == pytest.approx(start)
+    grey = sample["npy"][..., 0].mean(axis=(1, 2))
+    expected = (start + np.arange(CLIP_FRAMES) / CLIP_FPS) * 40
+    np.testing.assert_allclose(grey, expected, atol=3.0)  # ±3 grey levels: yuv420p rounding, 1/25 s frame grid
+
+
+def test_clip_shorter_than_its_annotation_is_cut_from_its_start(tmp_path):
+    path = tmp_path / "short_000000_000010.mp4"
+    _ramp_clip(path, 1.0)  # annotated 10 s, really 1 s: the centred seek (4.75 s) is past its end
+    cfg = video_cfg(str(tmp_path), str(tmp_path / "out"))
+    sample = kinetics.make_sample(Item("short", str(path), 0, (("time_start", 0), ("time_end", 10))), cfg=cfg)
+    assert sample["json"]["start_s"] == 0.0
+    assert sample["npy"][0, ..., 0].mean() < 3.0

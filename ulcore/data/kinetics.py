@@ -6,8 +6,11 @@ Layout (local folder or s3:// prefix), names configurable because releases diffe
 
 Class index = position in the sorted set of labels over every configured annotation file, so train and val agree
 whichever splits one run shards. Real downloads miss many listed clips; those are rejected as `missing` at
-listing time, never silently dropped. Clips are cut from their start: Kinetics clips are already the 10 s around
-the labelled action.
+listing time, never silently dropped. The `video.frames` frames are cut from the centre of the annotated
+segment (`video.clip_position: centre`; Kinetics clips are the 10 s around the labelled action, so the centre is
+where it is most likely to be), located from the annotation's own time_end - time_start without probing the file;
+a file shorter than its annotation says falls back to a cut from its start, and only a file too short for even
+that is rejected (`too_short`). `clip_position: start` always cuts from the first frame.
 """
 
 from __future__ import annotations
@@ -117,6 +120,15 @@ def list_split(root: str, cfg: Config, split: str, classes: list[str]) -> tuple[
     return kept, rejects
 
 
+def clip_start(item: Item, cfg: Config) -> float:
+    """Seconds into the file where the cut begins: centred in the annotated segment, or 0."""
+    if cfg.video.clip_position == "start":
+        return 0.0
+    meta = item.info()
+    duration = float(meta.get("time_end", 0)) - float(meta.get("time_start", 0))
+    return max(0.0, (duration - cfg.video.frames / cfg.video.fps) / 2)
+
+
 def make_sample(item: Item, *, cfg: Config) -> dict:
     """One clip -> {__key__, npy|mp4, cls, json} at video.fps / data.resolution / video.frames, or SampleError."""
     v, r = cfg.video, cfg.data.resolution
@@ -134,12 +146,21 @@ def make_sample(item: Item, *, cfg: Config) -> dict:
             raise SampleError("missing", f"{item.uri}: file vanished after listing") from exc
         if size == 0:
             raise SampleError("empty", f"{item.uri}: zero bytes")
-        frames = decode_clip(path, fps=v.fps, resolution=r, frames=v.frames, timeout_s=v.ffmpeg_timeout_s)
-    info = {**item.info(), "shape": [v.frames, r, r], "fps": v.fps, "bytes": size}
+        start_s = clip_start(item, cfg)
+        try:
+            frames = decode_clip(path, fps=v.fps, resolution=r, frames=v.frames, timeout_s=v.ffmpeg_timeout_s,
+                                 start_s=start_s)
+        except SampleError as exc:
+            if start_s == 0 or exc.reason not in ("too_short", "undecodable"):
+                raise
+            start_s = 0.0  # shorter than annotated (seeking past its end gives no frames): cut from its start
+            frames = decode_clip(path, fps=v.fps, resolution=r, frames=v.frames, timeout_s=v.ffmpeg_timeout_s)
+    info = {**item.info(), "shape": [v.frames, r, r], "fps": v.fps, "bytes": size, "start_s": round(start_s, 3)}
     if v.clip_format == "npy":
         return {"__key__": item.key, "npy": np.ascontiguousarray(frames), "cls": item.cls, "json": info}
     payload = encode_mp4(frames, fps=v.fps, timeout_s=v.ffmpeg_timeout_s)
     return {"__key__": item.key, "mp4": payload, "cls": item.cls, "json": info}
 
 
-__all__ = ["COLUMNS", "annotation_uri", "read_rows", "read_classes", "clip_stem", "list_split", "make_sample"]
+__all__ = ["COLUMNS", "annotation_uri", "read_rows", "read_classes", "clip_stem", "list_split", "clip_start",
+           "make_sample"]

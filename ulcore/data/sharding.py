@@ -76,7 +76,8 @@ def sample_params(cfg: Config) -> dict[str, Any]:
     if cfg.data.source in IMAGE_SOURCES:
         params["image_format"] = cfg.shard.image_format
     else:
-        params.update(frames=cfg.video.frames, fps=cfg.video.fps, clip_format=cfg.video.clip_format)
+        params.update(frames=cfg.video.frames, fps=cfg.video.fps, clip_format=cfg.video.clip_format,
+                      clip_position=cfg.video.clip_position)
     return params
 
 

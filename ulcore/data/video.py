@@ -32,15 +32,18 @@ def _run(args: list[str], *, source: str, timeout_s: float, stdin: bytes | None 
     return done.stdout
 
 
-def decode_clip(path: str, *, fps: float, resolution: int, frames: int, timeout_s: float) -> np.ndarray:
-    """First `frames` frames at `fps` after a short-side resize to `resolution` and a centre crop -> (T, R, R, 3).
+def decode_clip(path: str, *, fps: float, resolution: int, frames: int, timeout_s: float,
+                start_s: float = 0.0) -> np.ndarray:
+    """`frames` frames at `fps` from `start_s` seconds in, short side resized to `resolution`, centre-cropped.
 
-    The fps filter resamples on presentation timestamps (drops/duplicates frames), so every clip ends up on the
-    same time grid whatever its source rate (Kinetics mixes 24-60 fps and variable-rate uploads).
+    Returns (T, R, R, 3) uint8. The fps filter resamples on presentation timestamps (drops/duplicates frames), so
+    every clip ends up on the same time grid whatever its source rate (Kinetics mixes 24-60 fps and variable-rate
+    uploads). `start_s` is an input seek (`-ss` before `-i`): ffmpeg jumps to the keyframe before it and decodes
+    forward to the exact time, so only the frames kept are decoded, not the whole clip.
     """
     r = resolution
     stream = (
-        ffmpeg.input(path)
+        ffmpeg.input(path, **({"ss": f"{start_s:.3f}"} if start_s > 0 else {}))
         .video.filter("fps", fps=fps)
         # short side -> r keeping aspect ratio (-2: the long side rounded to even), then the centre r x r
         .filter("scale", w=f"if(lte(iw,ih),{r},-2)", h=f"if(lte(iw,ih),-2,{r})", flags="bicubic")
