@@ -20,7 +20,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    "ckpt_every_samples": 1024, "eval_batch": 16},
         "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024},
-        "eval": {"num_samples": 32, "batch_size": 16, "grid_size": 16,
+        "eval": {"num_samples": 32, "reference_samples": 32, "batch_size": 16, "grid_size": 16,
                  "fvd_context_frames": 3},  # 1 latent frame + 1 pixel-only frame, like 5 = 4 + 1 at Kinetics
     },
     "imagenet512": {
@@ -39,8 +39,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    "ema_halflife_samples": 10_000_000, "log_every_samples": 102_400,
                    "ckpt_every_samples": 10_240_000},
         "encode": {"batch_size": 64},
-        "eval": {"num_samples": 50_000, "sampler": "ancestral", "base_steps": 256, "decoder_steps": 256,
-                 "guidance": 1.5, "guidance_interval": (-3.0, 5.0)},
+        "eval": {"num_samples": 50_000, "reference_samples": 0, "sampler": "ancestral", "base_steps": 256,
+                 "decoder_steps": 256, "guidance": 1.5, "guidance_interval": (-3.0, 5.0)},
         "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
     },
     "kinetics600": {
@@ -58,8 +58,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "stage2": {"batch_size": 512, "lr": 1e-4, "total_samples": 256_000_000,
                    "warmup_samples": 5_120_000, "ema_halflife_samples": 10_000_000,
                    "log_every_samples": 51_200, "ckpt_every_samples": 5_120_000},
-        "eval": {"num_samples": 50_000, "sampler": "ancestral", "base_steps": 256, "decoder_steps": 256,
-                 "fvd_context_frames": 5},  # UL §5.7: condition on 5 frames, generate 11
+        "eval": {"num_samples": 50_000, "reference_samples": 0, "sampler": "ancestral", "base_steps": 256,
+                 "decoder_steps": 256, "fvd_context_frames": 5},  # UL §5.7: condition on 5 frames, generate 11
         "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},
     },
 }

