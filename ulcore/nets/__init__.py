@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ulcore.config import ModelConfig
 from ulcore.nets.decoder import UViTDecoder, build_decoder
 from ulcore.nets.encoder import Encoder
+from ulcore.nets.layers import set_activation_checkpointing
 from ulcore.nets.vit import LatentViT, TwoLevelViT, build_base_model, build_prior
 
 
@@ -40,4 +41,4 @@ def forward_flops(module: nn.Module, *example_inputs: torch.Tensor) -> int:
 
 
 __all__ = ["build_encoder", "build_prior", "build_decoder", "build_base_model", "count_params", "forward_flops",
-           "Encoder", "LatentViT", "TwoLevelViT", "UViTDecoder"]
+           "set_activation_checkpointing", "Encoder", "LatentViT", "TwoLevelViT", "UViTDecoder"]

@@ -8,6 +8,10 @@ Noise level conditioning is an embedding of the log-SNR λ (ul_method.md §5 "No
 §10): Fourier features of λ / 20, so that the whole range λ ∈ [-20, 20] used by every schedule maps to
 [-1, 1], followed by an MLP; the result drives FiLM in conv blocks and adaLN-zero in transformer blocks.
 All ops are autocast friendly (linear, conv, scaled_dot_product_attention in bf16; norms in fp32).
+
+Residual and transformer blocks are `RecomputableBlock`s: with activation checkpointing on
+(`set_activation_checkpointing`, the stage's `activation_checkpointing` flag) a block keeps only its inputs during
+the forward pass and recomputes its activations in the backward pass — the same loss and gradients, less memory.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 CPU_MATH_ATTENTION_TOKENS = 1024  # on CPU, sequences up to this length use SDPA's math backend (faster backward)
 LOGSNR_SCALE = 20.0  # λ / LOGSNR_SCALE ∈ [-1, 1] for every schedule (config.LOGSNR_LIMIT)
@@ -145,8 +150,34 @@ class PositionCache(nn.Module):
         return self._cache[key]
 
 
+# ------------------------------------------------------------------------------ activation checkpointing
+class RecomputableBlock(nn.Module):
+    """A block whose activations can be recomputed in the backward pass instead of stored. Subclasses implement
+    `block`; `recompute` applies only in training mode with grad enabled (eval and sampling take the plain path).
+    Non-reentrant checkpointing replays the forward pass's RNG (dropout) and autocast state, so the recomputed
+    activations, hence the gradients, are those of the plain path."""
+
+    recompute = False
+
+    def block(self, *args: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args: torch.Tensor | None) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block, *args, use_reentrant=False)
+        return self.block(*args)
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
+    """Turn recomputation on or off for every residual and transformer block under `module`; returns how many."""
+    blocks = [b for b in module.modules() if isinstance(b, RecomputableBlock)]
+    for b in blocks:
+        b.recompute = enabled
+    return len(blocks)
+
+
 # ------------------------------------------------------------------------------------------ conv blocks
-class ResBlock(nn.Module):
+class ResBlock(RecomputableBlock):
     """Pre-activation residual block GN-SiLU-conv, [FiLM from the noise embedding], GN-SiLU-dropout-conv.
 
     With `cond_dim` the second norm is modulated h·(1 + scale) + shift (FiLM, zero-initialised) and the last
@@ -166,7 +197,7 @@ class ResBlock(nn.Module):
             zero_(self.conv2)
         self.skip = conv(dims, c_in, c_out, kernel=1) if c_in != c_out else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def block(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.norm2(h)
         if self.film is not None:
@@ -238,7 +269,7 @@ class Attention(nn.Module):
         return self.dropout(self.proj(out.transpose(1, 2).reshape(b, n, d)))
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(RecomputableBlock):
     """DiT block with adaLN-zero: the conditioning vector sets shift/scale/gate of both sub-layers, gates start
     at zero so every block starts as the identity."""
 
@@ -252,7 +283,7 @@ class TransformerBlock(nn.Module):
                                  nn.Linear(hidden, dim), nn.Dropout(dropout))
         self.ada = zero_(nn.Linear(cond_dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(cond)).chunk(6, dim=1)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))

@@ -19,7 +19,7 @@ from ulcore.diffusion import sampling
 from ulcore.diffusion.losses import bits_per_pixel, diffusion_elbo, encode_noise, sigmoid_weighted_loss
 from ulcore.diffusion.sampling import decoder_fn
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule, stratified_times
-from ulcore.nets import build_decoder, build_encoder, build_prior
+from ulcore.nets import build_decoder, build_encoder, build_prior, set_activation_checkpointing
 from ulcore.train import images
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
 
@@ -38,6 +38,7 @@ class Stage1Objective(nn.Module):
         super().__init__()
         m = cfg.model
         self.encoder, self.prior, self.decoder = build_encoder(m), build_prior(m), build_decoder(m)
+        set_activation_checkpointing(self, cfg.stage1.activation_checkpointing)
         self.latent_schedule, self.decoder_schedule = latent_schedule(m), decoder_schedule(m)
         self.logsnr_0 = m.logsnr_0
         self.loss_factor, self.decoder_bias = cfg.stage1.loss_factor, cfg.stage1.decoder_bias

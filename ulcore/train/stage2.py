@@ -19,7 +19,7 @@ from ulcore.data import loaders
 from ulcore.diffusion import sampling
 from ulcore.diffusion.losses import sigmoid_weighted_loss
 from ulcore.diffusion.schedule import latent_schedule, stratified_times
-from ulcore.nets import build_base_model
+from ulcore.nets import build_base_model, set_activation_checkpointing
 from ulcore.train import images
 from ulcore.train.export import load_stage1, stage1_root
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
@@ -31,6 +31,7 @@ class Stage2Objective(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.base = build_base_model(cfg.model)
+        set_activation_checkpointing(self, cfg.stage2.activation_checkpointing)
         self.schedule = latent_schedule(cfg.model)
         self.bias, self.label_dropout, self.null = cfg.stage2.bias, cfg.stage2.label_dropout, cfg.model.num_classes
         self.config = cfg
