@@ -3,6 +3,10 @@
 One Ray task per shard (a GPU each when ray.use_gpu), idempotent per shard: a latent shard whose stats name the
 same encoder and the same input shard is kept. Latent shards hold `z_clean` as float16 `.npy` plus `.cls`;
 data/latents/stats.json holds per-channel mean and std over the training split.
+
+On a GPU the next batch is read and decoded on a background thread while the encoder runs on the current one, so
+the GPU does not wait for the CPU between batches. On CPU both would share the task's one core: measured, the
+thread only added ~4 % CPU time, so CPU tasks decode inline.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Any
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +46,18 @@ def _cached_encoder(root: str, encoder_id: str, device: str) -> torch.nn.Module:
     return load_encoder(root).to(device)
 
 
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """The same items, the next one produced on a background thread while the caller works on the current one."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(next, items, None)
+        while (item := upcoming.result()) is not None:
+            upcoming = pool.submit(next, items, None)
+            yield item
+
+
 def _shard_digest(shard_uri: str) -> str:
     stats = read_stats(shard_uri) or {}
     return hashlib.sha256(repr(sorted(stats.items())).encode()).hexdigest()[:16]
@@ -61,9 +79,10 @@ def encode_shard(shard_uri: str, out_uri: str, cfg_dict: dict[str, Any], env: di
     def samples():
         channel_sum = channel_sq = None
         count = 0
-        for batch in loaders.eval_batches([shard_uri], batch_size=cfg.encode.batch_size, kind="images"):
-            with torch.inference_mode():
-                z = encoder(loaders.to_float(batch["x"]).to(device)).float().cpu()
+        batches = loaders.eval_batches([shard_uri], batch_size=cfg.encode.batch_size, kind="images")
+        for batch in prefetched(batches) if device.type == "cuda" else batches:
+            with torch.inference_mode():  # uint8 to the device: a quarter of the float32 bytes to copy
+                z = encoder(loaders.to_float(batch["x"].to(device))).float().cpu()
             dims = [0] + list(range(2, z.ndim))
             channel_sum = z.sum(dims).double() + (0 if channel_sum is None else channel_sum)
             channel_sq = (z.double() ** 2).sum(dims) + (0 if channel_sq is None else channel_sq)
