@@ -136,7 +136,7 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = 200  # generated samples for gFID; reconstructions for rFID / PSNR
-    reference_samples: int = 500  # training images in the gFID reference statistics (cached); 0 = the whole split
+    reference_samples: int = 200  # training images in the gFID reference statistics (cached); 0 = the whole split
     sampler: str = "ddim"  # ddim | ancestral
     base_steps: int = 32  # base-model sampling steps
     decoder_steps: int = 32  # decoder sampling steps
