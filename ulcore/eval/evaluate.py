@@ -200,13 +200,14 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     timings["reconstruction_s"] = time.perf_counter() - t0
 
     # --- training-split reference statistics for gFID: the first eval.reference_samples images, 0 = all (cached
-    # after the first run); FVD's reference is the first num_samples clips
+    # after the first run); unconditional FVD's reference is the first num_samples training clips (frame
+    # prediction compares with the held-out clips the context came from instead)
     t0 = time.perf_counter()
     train_ref = _Reference(cfg, train_split, shards[train_split], e.reference_samples, weights.sha256)
     i3d_train = RunningStats()
     n_train = 0
     n_fid = (e.reference_samples or sys.maxsize) if train_ref.running is not None else 0
-    n_fvd = n if i3d is not None else 0
+    n_fvd = n if i3d is not None and not e.fvd_context_frames else 0
     if n_fid or n_fvd:
         for start, batch in _take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"),
                                   max(n_fid, n_fvd)):
