@@ -117,3 +117,13 @@ def test_warmup_is_linear_in_samples_and_the_scheduler_follows_it():
         opt.step()
         sched.step()
     assert seen == pytest.approx([t.lr * f for f in (0.25, 0.5, 0.75, 1.0, 1.0)])
+
+
+def test_activation_checkpointing_does_not_change_the_run_identity():
+    from ulcore.train.loop import run_digest
+    from ulcore.train.stage1 import SPEC
+
+    plain = load_config(None, [])
+    assert run_digest(plain, SPEC, "data") == run_digest(
+        load_config(None, ["stage1.activation_checkpointing=true"]), SPEC, "data")
+    assert run_digest(plain, SPEC, "data") != run_digest(load_config(None, ["stage1.lr=0.01"]), SPEC, "data")

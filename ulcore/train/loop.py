@@ -49,12 +49,18 @@ def stage_spec(name: str) -> StageSpec:
     return importlib.import_module(f"ulcore.train.{name}").SPEC
 
 
+# Keys that change how a step is computed, not what it computes: switching activation checkpointing on after an
+# out-of-memory error must resume the run, not start a new one.
+EXECUTION_ONLY_KEYS = ("activation_checkpointing",)
+
+
 def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
     """Identity of a training run: the sections it depends on plus a digest of its input data."""
     import hashlib
     import json
 
-    relevant = {s: cfg.to_dict()[s] for s in spec.sections}
+    relevant = {s: {k: v for k, v in cfg.to_dict()[s].items() if k not in EXECUTION_ONLY_KEYS}
+                for s in spec.sections}
     text = json.dumps({"params": relevant, "inputs": inputs_digest}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
