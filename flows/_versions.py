@@ -20,6 +20,7 @@ import yaml
 
 from ulcore.config import Config, ConfigError, load_config
 
+
 def dvc_root(start: Path | None = None) -> Path | None:
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
