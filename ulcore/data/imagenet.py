@@ -50,8 +50,9 @@ def read_classes(root: str, train_split: str = "train") -> list[tuple[str, str]]
 
 
 def _relative(uri: str, base: str) -> str:
-    rel = uri[len(base):].lstrip("/") if storage.is_s3(base) else os.path.relpath(uri, base)
-    return rel.replace(os.sep, "/")
+    if storage.is_s3(base) or uri.startswith(base + os.sep):  # listings return base + rest: slice, no relpath
+        return uri[len(base):].lstrip("/" + os.sep).replace(os.sep, "/")
+    return os.path.relpath(uri, base).replace(os.sep, "/")
 
 
 def _val_solution(root: str) -> dict[str, str]:

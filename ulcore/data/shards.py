@@ -165,9 +165,9 @@ def read_stats(shard_uri: str) -> dict[str, Any] | None:
         return None
 
 
-def list_shards(folder: str, split: str | None = None) -> list[str]:
-    """Finished shards (tar and stats both present) in `folder`, sorted by name."""
-    files = set(storage.list_uris(folder))
+def finished_shards(uris: Iterable[str], split: str | None = None) -> list[str]:
+    """The finished shards (tar and stats both present) among a folder's listing, sorted by name."""
+    files = set(uris)
     done = []
     for uri in sorted(files):
         match = SHARD_PATTERN.match(os.path.basename(uri))
@@ -176,5 +176,10 @@ def list_shards(folder: str, split: str | None = None) -> list[str]:
     return done
 
 
+def list_shards(folder: str, split: str | None = None) -> list[str]:
+    """Finished shards (tar and stats both present) in `folder`, sorted by name."""
+    return finished_shards(storage.list_uris(folder), split)
+
+
 __all__ = ["Item", "SampleError", "shard_name", "stats_uri", "safe_key", "encode_field", "write_tar", "write_shard",
-           "read_stats", "list_shards", "SHARD_PATTERN", "STATS_SUFFIX"]
+           "read_stats", "finished_shards", "list_shards", "SHARD_PATTERN", "STATS_SUFFIX"]
