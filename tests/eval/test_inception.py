@@ -175,3 +175,40 @@ def test_fid_orders_same_shifted_noise_on_real_images(extractor, gray_images):
     rand = fid_from_stats(ref, feature_statistics(extractor(noise)))
     assert 0 < same < shift < rand, (same, shift, rand)
     assert fid_from_stats(ref, ref) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_extractor_runs_the_folded_network_and_pins_it(extractor, gray_images):
+    """Features come from FidInceptionV3 with BatchNorm folded into the convolutions (converted from the wheel's
+    TorchScript port); they equal the stored network's, and the protocol says which form ran."""
+    assert isinstance(extractor.network, FidInceptionV3)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.network.modules())
+    stored = load_fid_network(extractor.weights.path)
+    with torch.inference_mode():
+        want = stored(network_input(gray_images[:4])).double().numpy()
+    got = extractor(gray_images[:4])
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    runs_as = extractor.weights.protocol()["fid_network_runs_as"]
+    assert runs_as.startswith("FidInceptionV3 converted from the TorchScript port's TF layers, BatchNorm folded")
+
+
+def test_networks_that_cannot_be_folded_run_as_stored(tmp_path, monkeypatch, extractor):
+    """A TorchScript network without TF-named layers, or a folded copy that deviates on the probe, is not swapped
+    in: the stored network runs and the protocol says why."""
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+    foreign = tmp_path / "foreign.pt"
+    torch.jit.script(Pool()).save(str(foreign))
+    network, runs_as = inception.inference_network(foreign)
+    assert isinstance(network, torch.jit.ScriptModule)
+    assert runs_as.startswith("the TorchScript network as stored (not convertible: no TF-named conv layers")
+
+    inception._inference_cached.cache_clear()
+    monkeypatch.setattr(inception, "PROBE_TOLERANCE", 0.0)
+    try:
+        network, runs_as = inception.inference_network(extractor.weights.path)
+        assert isinstance(network, torch.jit.ScriptModule)
+        assert runs_as.startswith("the network as stored (the folded copy deviated by")
+    finally:
+        inception._inference_cached.cache_clear()

