@@ -34,6 +34,44 @@ def test_frechet_equals_scipy_sqrtm_reference(d, n, seed):
     assert trace_sqrt_product(s1, s2) == pytest.approx(np.trace(scipy.linalg.sqrtm(s1 @ s2)).real, rel=1e-6)
 
 
+@pytest.mark.parametrize("n1,n2", [(30, 20), (20, 64), (64, 64), (300, 40)])
+def test_low_rank_factor_gives_the_scipy_value(n1, n2):
+    """Statistics of n <= D features carry F (S = F^T F); the n x n route equals scipy's sqrtm on the D x D
+    product, whichever side (or both) has the factor, and the full route when the factor is dropped."""
+    rng = np.random.default_rng(n1 + n2)
+    d = 64
+    a = feature_statistics(rng.normal(size=(n1, d)) @ rng.normal(size=(d, d)) * 0.3)
+    b = feature_statistics(rng.normal(size=(n2, d)) * 1.5 + 0.4)
+    assert (a.factor is not None) == (n1 <= d) and b.factor is not None
+    np.testing.assert_allclose(b.factor.T @ b.factor, b.sigma, rtol=1e-9, atol=1e-12)
+    ref = _scipy_fid(a.mu, a.sigma, b.mu, b.sigma)
+    full = fid_from_stats(FeatureStats(a.mu, a.sigma, a.n), FeatureStats(b.mu, b.sigma, b.n))
+    assert fid_from_stats(a, b) == pytest.approx(ref, rel=1e-6)
+    assert fid_from_stats(b, a) == pytest.approx(ref, rel=1e-6)
+    assert fid_from_stats(a, b) == pytest.approx(full, rel=1e-7)
+    # against 40-digit arithmetic (mpmath, a sympy dependency of torch) the n x n route is the more exact one
+    mpmath = pytest.importorskip("mpmath")
+    other, factored = (a, b) if a.factor is None or (b.factor is not None and b.n < a.n) else (b, a)
+    with mpmath.workdps(40):
+        f, s = mpmath.matrix(factored.factor.tolist()), mpmath.matrix(other.sigma.tolist())
+        root_sum = sum(mpmath.sqrt(max(e, 0)) for e in mpmath.eigsy(f * s * f.T, eigvals_only=True))
+        d = mpmath.matrix((a.mu - b.mu).tolist())
+        exact = float((d.T * d)[0] + sum(a.sigma[i, i] for i in range(64)) + sum(b.sigma[i, i] for i in range(64))
+                      - 2 * root_sum)
+    assert abs(fid_from_stats(a, b) - exact) <= 1e-9 * exact
+
+
+def test_running_stats_keep_the_factor_only_while_it_is_smaller():
+    rng = np.random.default_rng(6)
+    feats = rng.normal(size=(40, 32))
+    run = RunningStats()
+    for start in range(0, 30, 10):
+        run.add(feats[start:start + 10])
+    np.testing.assert_allclose(run.stats().factor, feature_statistics(feats[:30]).factor, rtol=1e-12)
+    run.add(feats[30:])  # 40 > D = 32 features: the factor would be the larger description
+    assert run.rows is None and run.stats().factor is None
+
+
 def test_frechet_of_identical_statistics_is_zero_and_symmetric():
     rng = np.random.default_rng(3)
     feats = rng.normal(size=(40, 256))  # N < D: a singular covariance, the usual small-N FID case
