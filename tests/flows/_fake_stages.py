@@ -1,11 +1,14 @@
 """Stand-ins for the ulcore stage functions (flow-wrapper tests): each writes the outputs dvc.yaml declares,
-opens a real MLflow stage run, counts its calls in calls.txt and fails when UL_FAKE_FAIL names it."""
+opens a real MLflow stage run, counts its calls in calls.txt (and the flow heartbeat interval it ran under in
+heartbeats.txt) and fails when UL_FAKE_FAIL names it."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+from prefect.settings import get_current_settings
 
 from ulcore import tracking
 
@@ -19,6 +22,8 @@ def _run(stage: str, cfg) -> dict:
     root = Path(cfg.storage.root)
     with open(root / "calls.txt", "a") as f:
         f.write(stage + "\n")
+    with open(root / "heartbeats.txt", "a") as f:
+        f.write(f"{stage} {get_current_settings().flows.heartbeat_frequency}\n")
     with tracking.stage_run(cfg, stage) as run_id:
         if os.environ.get("UL_FAKE_FAIL") == stage:
             raise RuntimeError(f"fake failure in {stage}")

@@ -63,6 +63,7 @@ def test_stage_flow_publishes_summary_and_tags_mlflow(tmp_path, monkeypatch, fak
     assert state.is_completed(), state.message
     result = state.result()
     assert result["stage"] == "stage1" and result["written"] == 1
+    assert (tmp_path / "heartbeats.txt").read_text().split() == ["stage1", "180"]  # a top-level run keeps them
     assert (tmp_path / "models/stage1/encoder.safetensors").is_file()
     cfg = load_config("params.yaml")
     c = tracking.client(tracking.tracking_uri(cfg))
@@ -99,6 +100,8 @@ def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch
     assert state.is_completed(), state.message
     result = state.result()
     assert (project / "calls.txt").read_text().split() == ["stage2", "evaluate"]
+    # subflows run without heartbeats of their own (the parent's cover the process): no 1 s join at each exit
+    assert (project / "heartbeats.txt").read_text().splitlines()[-2:] == ["stage2 None", "evaluate None"]
     assert result["stages"]["shard"] == {"skipped": "up to date in dvc.lock"}
     assert result["dvc"] == "versions recorded in dvc.lock" and result["dvc_push"] == "no DVC remote configured"
     status = sh([sys.executable, "-m", "dvc", "status", "--json"], project, env_for())
