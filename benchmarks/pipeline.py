@@ -7,7 +7,8 @@ Each run happens in a fresh temporary git + DVC copy of the project, so nothing 
 Reports: direct wall time, Prefect wall time, ratio direct/Prefect (target >= 0.9), no-op `dvc repro` (target <= 10 s),
 and where the difference goes: each stage's time both ways (through Prefect a stage includes its subflow, its
 `dvc status` check and its `dvc commit`) and the rest (process start-up, Prefect's temporary API server, MLflow
-parent run, summaries).
+parent run, summaries). The CPU seconds of every process each run started (polled twice a second: the driver,
+Prefect's server, Ray's services and workers, ffmpeg, ...) show which process the difference runs in.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "flows"))
@@ -27,14 +32,60 @@ sys.path.insert(0, str(REPO / "tests" / "flows"))
 import flowkit as conftest  # noqa: E402  (project copies and the smoke-scale params)
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """Wall time of the command and the per-stage seconds it printed on a `STAGE_SECONDS {json}` line."""
+def _category(proc: psutil.Process, driver: int) -> str:
+    """Which part of the system a process belongs to, from its command line."""
+    if proc.pid == driver:
+        return "driver (stages / flow engine)"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "other"
+    for needle, label in (("ray::", "ray workers"), ("default_worker.py", "ray workers"),
+                          ("ray/", "ray services (gcs, raylet, dashboard, agents)"), ("uvicorn", "prefect server"),
+                          ("prefect", "prefect server"), ("ffmpeg", "ffmpeg"), ("dvc", "dvc")):
+        if needle in cmd:
+            return label
+    return "other"
+
+
+def _cpu_poller(root: psutil.Process, seen: dict[int, tuple[str, float]], stop: threading.Event) -> None:
+    """Record each descendant's latest CPU seconds (user + system) until stopped."""
+    while not stop.is_set():
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                label = seen[proc.pid][0] if proc.pid in seen else _category(proc, root.pid)
+                seen[proc.pid] = (label, times.user + times.system)
+            except psutil.NoSuchProcess:
+                continue
+        stop.wait(0.5)
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Wall time of the command, the per-stage seconds it printed on a `STAGE_SECONDS {json}` line, and the CPU
+    seconds of its process tree by category."""
     start = time.perf_counter()
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=3600)
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    lines = [line for line in out.stdout.splitlines() if line.startswith("STAGE_SECONDS ")]
-    return time.perf_counter() - start, json.loads(lines[-1].split(" ", 1)[1]) if lines else {}
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, tuple[str, float]] = {}
+    stop = threading.Event()
+    poller = threading.Thread(target=_cpu_poller, args=(psutil.Process(proc.pid), seen, stop), daemon=True)
+    poller.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=3600)
+    finally:
+        stop.set()
+        poller.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed (rc {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    lines = [line for line in stdout.splitlines() if line.startswith("STAGE_SECONDS ")]
+    cpu: dict[str, float] = defaultdict(float)
+    for label, seconds in seen.values():
+        cpu[label] += seconds
+    return time.perf_counter() - start, json.loads(lines[-1].split(" ", 1)[1]) if lines else {}, dict(cpu)
 
 
 DIRECT = """
@@ -74,10 +125,10 @@ def main() -> None:
         py = sys.executable
         # Warm the Prefect home once (the first ephemeral start creates its database), as a second run would.
         _run([py, "-c", "import flows; from prefect import flow\n@flow\ndef w(): pass\nw()"], prefect_dir, env)
-        direct_s, direct_stages = _run([py, "-c", DIRECT], direct_dir, env)
-        prefect_s, prefect_stages = _run([py, "-c", THROUGH_PREFECT], prefect_dir, env)
+        direct_s, direct_stages, direct_cpu = _run([py, "-c", DIRECT], direct_dir, env)
+        prefect_s, prefect_stages, prefect_cpu = _run([py, "-c", THROUGH_PREFECT], prefect_dir, env)
         dvc = str(Path(py).parent / "dvc")
-        noop_s, _ = _run([dvc, "repro"], prefect_dir, env)  # the ul flow recorded every stage: nothing to run
+        noop_s, _, _ = _run([dvc, "repro"], prefect_dir, env)  # the ul flow recorded every stage: nothing to run
     ratio = direct_s / prefect_s
     print("| stage | direct s | through Prefect s (incl. dvc status + commit) |")
     print("| --- | --- | --- |")
@@ -85,6 +136,12 @@ def main() -> None:
         print(f"| {stage} | {seconds:.1f} | {prefect_stages.get(stage, float('nan')):.1f} |")
     print(f"| rest of the process | {direct_s - sum(direct_stages.values()):.1f} "
           f"| {prefect_s - sum(prefect_stages.values()):.1f} |")
+    print()
+    print("| process (CPU seconds, user + system) | direct | through Prefect |")
+    print("| --- | --- | --- |")
+    for label in sorted(set(direct_cpu) | set(prefect_cpu), key=lambda k: -prefect_cpu.get(k, 0.0)):
+        print(f"| {label} | {direct_cpu.get(label, 0.0):.1f} | {prefect_cpu.get(label, 0.0):.1f} |")
+    print(f"| all | {sum(direct_cpu.values()):.1f} | {sum(prefect_cpu.values()):.1f} |")
     print()
     print("| measure | value | target |")
     print("| --- | --- | --- |")
