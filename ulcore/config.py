@@ -129,8 +129,7 @@ class Stage2Config(TrainConfig):
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    batch_size: int = 256  # images per encoder forward
-    samples_per_shard: int = 0  # 0 = one latent shard per image shard (keeps names aligned)
+    batch_size: int = 256  # images per encoder forward (one latent shard per image shard: names stay aligned)
 
 
 @dataclass(frozen=True)
@@ -401,7 +400,6 @@ def validate(cfg: Config) -> None:
     _check(cfg.stage1.eval_batch >= 1, "stage1.eval_batch", cfg.stage1.eval_batch, "must be >= 1")
     _check(cfg.stage1.eval_steps >= 1, "stage1.eval_steps", cfg.stage1.eval_steps, "must be >= 1")
     _check(cfg.encode.batch_size >= 1, "encode.batch_size", cfg.encode.batch_size, "must be >= 1")
-    _check(cfg.encode.samples_per_shard >= 0, "encode.samples_per_shard", cfg.encode.samples_per_shard, "must be >= 0")
     e = cfg.eval
     for key in ("num_samples", "base_steps", "decoder_steps", "batch_size", "grid_size"):
         _check(getattr(e, key) >= 1, f"eval.{key}", getattr(e, key), "must be >= 1")

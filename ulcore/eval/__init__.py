@@ -6,8 +6,9 @@ Light imports only (torch, numpy); the stage itself is `ulcore.eval.evaluate.run
 from ulcore.eval.fid import FeatureStats, RunningStats, feature_statistics, fid_from_stats, frechet_distance
 from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, InceptionI3d, fvd
 from ulcore.eval.image_metrics import psnr, ssim
-from ulcore.eval.inception import FidFeatureExtractor, FidWeightsNotFound, WeightsSource, resolve_fid_weights
+from ulcore.eval.inception import (FidFeatureExtractor, FidWeightsInvalid, FidWeightsNotFound, WeightsSource,
+                                   resolve_fid_weights)
 
 __all__ = ["FeatureStats", "RunningStats", "feature_statistics", "fid_from_stats", "frechet_distance", "I3DFeatures",
-           "I3DUnavailable", "InceptionI3d", "fvd", "psnr", "ssim", "FidFeatureExtractor", "FidWeightsNotFound",
-           "WeightsSource", "resolve_fid_weights"]
+           "I3DUnavailable", "InceptionI3d", "fvd", "psnr", "ssim", "FidFeatureExtractor", "FidWeightsInvalid",
+           "FidWeightsNotFound", "WeightsSource", "resolve_fid_weights"]
