@@ -70,6 +70,13 @@ def test_unknown_key_in_params_file(tmp_path):
         load_config(path)
 
 
+def test_configs_saved_by_earlier_versions_load():
+    """A key an earlier version wrote (models' config.yaml, checkpoints) is accepted and has no effect."""
+    saved = load_config(ROOT / "params.yaml").to_dict()
+    saved["encode"]["samples_per_shard"] = 0
+    assert config_from_dict(saved) == load_config(ROOT / "params.yaml")
+
+
 @pytest.mark.parametrize("argv", [
     ["-m", "ulcore.cli", "config", "--set", "model.logsnr_0=99"],
     ["-m", "ulcore.cli", "sample", "--set", "stage1.loss_factor=-1"],

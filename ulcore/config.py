@@ -257,11 +257,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation!r}")  # a programming error, named anyway
 
 
+# Keys earlier versions wrote (configs saved next to models and inside checkpoints still hold them): accepted and
+# ignored, with why. Any other unknown key is an error.
+RETIRED_KEYS = {"encode.samples_per_shard": "never had an effect: one latent shard per image shard"}
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if key not in names and f"{name}.{key}" in RETIRED_KEYS:
+            continue
         if key not in names:
             raise ConfigError(f"{name}.{key}: unknown key; allowed keys in [{name}]: {', '.join(names)}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
