@@ -1,7 +1,8 @@
 """Orchestration overhead: the embedded pipeline through Prefect (`ul` flow, ephemeral API) vs the five stage
 functions called directly in one process, and the time of a no-op `dvc repro`.
 
-    python benchmarks/pipeline.py [--set section.key=value ...]     (smoke scale by default: --full for params.yaml)
+    python benchmarks/pipeline.py [--set section.key=value ...] [--repeats N]
+                                  (smoke scale by default: --full for params.yaml)
 
 Each run happens in a fresh temporary git + DVC copy of the project, so nothing here touches your outputs.
 Reports: direct wall time, Prefect wall time, ratio direct/Prefect (target >= 0.9), no-op `dvc repro` (target <= 10 s),
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,33 +113,53 @@ print("STAGE_SECONDS", json.dumps({stage: result[stage + "_s"] for stage in STAG
 """
 
 
+def _median_table(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the median over the runs (a key missing from a run counts as 0)."""
+    keys = dict.fromkeys(k for run in runs for k in run)
+    return {k: statistics.median(run.get(k, 0.0) for run in runs) for k in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--full", action="store_true", help="use the repository's params.yaml instead of smoke scale")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="direct and Prefect runs, interleaved, each in a fresh copy; tables show medians "
+                             "(one run of the embedded pipeline varies by ~4 %% from the next on 2 cores)")
     args = parser.parse_args()
     params = (REPO / "params.yaml").read_text() if args.full else conftest.smoke_params_yaml(args.overrides)
+    py = sys.executable
+    walls: dict[str, list[float]] = {"direct": [], "prefect": []}
+    stages: dict[str, list[dict[str, float]]] = {"direct": [], "prefect": []}
+    cpus: dict[str, list[dict[str, float]]] = {"direct": [], "prefect": []}
     with tempfile.TemporaryDirectory(prefix="ul-bench-") as tmp:
         env = conftest.env_for(Path(tmp), PREFECT_HOME=str(Path(tmp) / "prefect-home"))
         env.pop("MLFLOW_TRACKING_URI", None)
-        direct_dir = conftest.copy_project(Path(tmp) / "direct", params)
-        prefect_dir = conftest.copy_project(Path(tmp) / "prefect", params)
-        py = sys.executable
-        # Warm the Prefect home once (the first ephemeral start creates its database), as a second run would.
-        _run([py, "-c", "import flows; from prefect import flow\n@flow\ndef w(): pass\nw()"], prefect_dir, env)
-        direct_s, direct_stages, direct_cpu = _run([py, "-c", DIRECT], direct_dir, env)
-        prefect_s, prefect_stages, prefect_cpu = _run([py, "-c", THROUGH_PREFECT], prefect_dir, env)
+        for repeat in range(args.repeats):
+            for way, code in (("direct", DIRECT), ("prefect", THROUGH_PREFECT)):
+                project = conftest.copy_project(Path(tmp) / f"{way}-{repeat}", params)
+                if way == "prefect" and repeat == 0:  # warm the Prefect home once (its database), as later runs are
+                    _run([py, "-c", "import flows; from prefect import flow\n@flow\ndef w(): pass\nw()"], project, env)
+                wall, per_stage, cpu = _run([py, "-c", code], project, env)
+                walls[way].append(wall)
+                stages[way].append(per_stage)
+                cpus[way].append(cpu)
+                print(f"run {repeat + 1}/{args.repeats} {way}: {wall:.1f} s", flush=True)
         dvc = str(Path(py).parent / "dvc")
-        noop_s, _, _ = _run([dvc, "repro"], prefect_dir, env)  # the ul flow recorded every stage: nothing to run
+        noop_s, _, _ = _run([dvc, "repro"], project, env)  # the ul flow recorded every stage: nothing to run
+    direct_s, prefect_s = statistics.median(walls["direct"]), statistics.median(walls["prefect"])
+    direct_stages, prefect_stages = _median_table(stages["direct"]), _median_table(stages["prefect"])
+    direct_cpu, prefect_cpu = _median_table(cpus["direct"]), _median_table(cpus["prefect"])
     ratio = direct_s / prefect_s
-    print("| stage | direct s | through Prefect s (incl. dvc status + commit) |")
+    median = " (medians)" if args.repeats > 1 else ""
+    print(f"| stage{median} | direct s | through Prefect s (incl. dvc status + commit) |")
     print("| --- | --- | --- |")
     for stage, seconds in direct_stages.items():
         print(f"| {stage} | {seconds:.1f} | {prefect_stages.get(stage, float('nan')):.1f} |")
     print(f"| rest of the process | {direct_s - sum(direct_stages.values()):.1f} "
           f"| {prefect_s - sum(prefect_stages.values()):.1f} |")
     print()
-    print("| process (CPU seconds, user + system) | direct | through Prefect |")
+    print(f"| process (CPU seconds, user + system){median} | direct | through Prefect |")
     print("| --- | --- | --- |")
     for label in sorted(set(direct_cpu) | set(prefect_cpu), key=lambda k: -prefect_cpu.get(k, 0.0)):
         print(f"| {label} | {direct_cpu.get(label, 0.0):.1f} | {prefect_cpu.get(label, 0.0):.1f} |")
@@ -145,9 +167,12 @@ def main() -> None:
     print()
     print("| measure | value | target |")
     print("| --- | --- | --- |")
-    print(f"| stage functions called directly | {direct_s:.1f} s | |")
-    print(f"| `ul` flow through Prefect (ephemeral, incl. DVC recording) | {prefect_s:.1f} s | |")
-    print(f"| ratio direct / Prefect | {ratio:.3f} | >= 0.9 |")
+    print(f"| stage functions called directly{median} | {direct_s:.1f} s | |")
+    print(f"| `ul` flow through Prefect (ephemeral, incl. DVC recording){median} | {prefect_s:.1f} s | |")
+    print(f"| ratio direct / Prefect{median} | {ratio:.3f} | >= 0.9 |")
+    if args.repeats > 1:
+        pairs = ", ".join(f"{d / p:.3f}" for d, p in zip(walls["direct"], walls["prefect"]))
+        print(f"| ratio of each interleaved pair | {pairs} | |")
     print(f"| no-op `dvc repro` after the flow | {noop_s:.1f} s | <= 10 s |")
     print(f"(cpus: {os.cpu_count()}, python {sys.version.split()[0]})")
 
