@@ -194,7 +194,7 @@ class FidInceptionV3(nn.Module):
 def folded_for_inference(net: FidInceptionV3) -> FidInceptionV3:
     """A copy for feature extraction: every BatchNorm folded into its convolution (which gains a bias) and the
     weights in channels_last, the layout oneDNN's CPU convolutions run fastest in. The same function up to float
-    round-off (features move by ~1e-6 of their scale); ~1.5x the TorchScript ports' speed on 2 CPU cores."""
+    round-off (features move by ~1e-6 of their scale); 1.2-1.5x the TorchScript ports' speed on 2 CPU cores."""
     folded = copy.deepcopy(net)
     for layer in folded.modules():
         if isinstance(layer, ConvBN) and isinstance(layer.bn, nn.BatchNorm2d):
