@@ -267,9 +267,9 @@ def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
-        if key not in names and f"{name}.{key}" in RETIRED_KEYS:
-            continue
         if key not in names:
+            if f"{name}.{key}" in RETIRED_KEYS:
+                continue
             raise ConfigError(f"{name}.{key}: unknown key; allowed keys in [{name}]: {', '.join(names)}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)

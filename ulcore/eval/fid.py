@@ -76,8 +76,10 @@ class RunningStats:
         self.n += f.shape[0]
         self.total += f.sum(axis=0)
         self.outer += f.T @ f
-        if self.rows is not None:
-            self.rows = self.rows + [f] if self.n <= f.shape[1] else None
+        if self.rows is not None and self.n <= f.shape[1]:
+            self.rows.append(f)
+        else:
+            self.rows = None
 
     def stats(self) -> FeatureStats:
         if self.n < 2:
