@@ -168,3 +168,23 @@ def test_register_model_roundtrip_from_another_process(cfg, tmp_path):
     np.testing.assert_array_equal(out["encoder"]["b"], np.ones(3, np.float32))
     reqs = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
     assert "safetensors==" in reqs and "torch==" in reqs and "+cpu" not in reqs
+
+
+def test_models_pickled_under_the_old_class_path_still_load():
+    """Models registered before the class moved to ulcore.bundle name `ulcore.tracking.SafetensorsBundle`."""
+    import pickle
+
+    from ulcore.bundle import SafetensorsBundle
+
+    assert pickle.loads(b"culcore.tracking\nSafetensorsBundle\n.") is SafetensorsBundle
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        tracking.nothing_here  # noqa: B018
+
+
+def test_training_and_evaluation_modules_import_without_mlflow():
+    """MLflow loads only when a process talks to it (~3 s of imports saved in the others, e.g. Ray workers)."""
+    code = ("import sys, ulcore.tracking, ulcore.train.stage1, ulcore.train.stage2, ulcore.eval.evaluate\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -303,31 +303,14 @@ def log_figure(run_id: str, fig: Any, artifact_file: str, *, tracking_uri: str |
 # ---------------------------------------------------------------------------------------------- registry
 
 
-from mlflow.pyfunc import PythonModel as _PythonModel  # noqa: E402 - the class below subclasses it
+def __getattr__(name: str) -> Any:
+    """`SafetensorsBundle` lives in ulcore.bundle (importing it imports mlflow.pyfunc, ~3 s); models registered
+    before it moved unpickle as `ulcore.tracking.SafetensorsBundle`, which resolves here."""
+    if name == "SafetensorsBundle":
+        from ulcore.bundle import SafetensorsBundle
 
-
-class SafetensorsBundle(_PythonModel):
-    """A registered model = safetensors weight files + the resolved config, loadable without pickle.
-
-    `mlflow.pyfunc.load_model("models:/ul-encoder@champion").unwrap_python_model()` gives `.state_dicts`
-    (file key -> {tensor name: tensor}) and `.config_yaml`; `predict(["encoder"])` returns the named
-    weights as numpy arrays. Building the network from them is ulcore.train.export's job.
-    """
-
-    def load_context(self, context: Any) -> None:
-        from safetensors.torch import load_file
-
-        self.state_dicts = {}
-        self.config_yaml = ""
-        for key, path in context.artifacts.items():
-            if key == "config":
-                self.config_yaml = Path(path).read_text()
-            else:
-                self.state_dicts[key] = load_file(path)
-
-    def predict(self, context, model_input: list[str], params=None):  # only model_input is typed: MLflow validates it
-        keys = list(model_input) if model_input else list(self.state_dicts)
-        return {k: {n: t.float().numpy() for n, t in self.state_dicts[k].items()} for k in keys}
+        return SafetensorsBundle
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _requirements() -> list[str]:
@@ -352,6 +335,8 @@ def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str,
     """
     import mlflow
     from mlflow.models import Model
+
+    from ulcore.bundle import SafetensorsBundle
 
     uri = tracking_uri or _RUN_URIS.get(run_id) or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     c = client(uri)
