@@ -212,3 +212,12 @@ def test_networks_that_cannot_be_folded_run_as_stored(tmp_path, monkeypatch, ext
         assert runs_as.startswith("the network as stored (the folded copy deviated by")
     finally:
         inception._inference_cached.cache_clear()
+
+
+def test_an_extractor_on_another_device_leaves_the_shared_network_where_it_was(extractor):
+    """The folded network is cached per file and shared: an extractor for another device (a GPU; `meta` here)
+    runs a copy, so the CPU extractors keep working (a GPU check caught the shared module moving)."""
+    other = FidFeatureExtractor(extractor.weights, device="meta")
+    shared = inception.inference_network(extractor.weights.path)[0]
+    assert next(other.network.parameters()).device.type == "meta"
+    assert next(shared.parameters()).device.type == "cpu" and other.network is not shared

@@ -162,7 +162,7 @@ def decode(decoder: torch.nn.Module, z0: Tensor, schedule: CosineLogSNR, *, nois
     grid = logsnr_grid(schedule, steps)
     model = decoder_fn(decoder, z0)
     x = SAMPLERS[sampler](model, noise(-1), grid, noise, known)
-    lam = grid[-1].expand(x.shape[0])
+    lam = _lam(grid[-1], x.shape[0], x.device)
     a, s = alpha_sigma(lam)
     x = x_from_v(x, model(x, lam).float(), a, s).clamp(-1.0, 1.0)
     return x if known is None else known.clean(x)
@@ -254,11 +254,11 @@ def elbo_bits_per_pixel(net: VelocityFn, z_clean: Tensor, config, *, seed: int, 
     from ulcore.diffusion.losses import bits_per_pixel, diffusion_elbo
     from ulcore.diffusion.schedule import latent_schedule, stratified_times
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws whichever device the nets run on
     total = torch.zeros(z_clean.shape[0])
     for _ in range(draws):
-        t = stratified_times(z_clean.shape[0], gen)
-        eps = torch.randn(z_clean.shape, generator=gen)
+        t = stratified_times(z_clean.shape[0], gen).to(z_clean.device)
+        eps = torch.randn(z_clean.shape, generator=gen).to(z_clean.device)
         total += diffusion_elbo(net, z_clean, t, eps, latent_schedule(config.model)).total.cpu()
     pixels = config.data.resolution**2 * config.model.frames
     return bits_per_pixel(total / draws, pixels)

@@ -235,6 +235,7 @@ def predicted_clips(stage1, stage2, held_out: Callable[[], Iterable[dict]],
     from ulcore.diffusion.sampling import generate
 
     e, c = cfg.eval, cfg.eval.fvd_context_frames
+    device = next(stage2.base.parameters()).device
     done = 0
     while done < e.num_samples:
         before = done
@@ -242,13 +243,13 @@ def predicted_clips(stage1, stage2, held_out: Callable[[], Iterable[dict]],
             real = torch.as_tensor(batch["x"][: e.num_samples - done])
             if real.shape[0] == 0:
                 break
-            labels = torch.full((real.shape[0],), cfg.model.num_classes, dtype=torch.int64)
+            labels = torch.full((real.shape[0],), cfg.model.num_classes, dtype=torch.int64, device=device)
             predicted = generate(stage1, stage2, labels, seed=e.seed + PREDICTION_SEED_OFFSET, sampler=e.sampler,
                                  base_steps=e.base_steps, decoder_steps=e.decoder_steps, guidance=e.guidance,
                                  guidance_interval=e.guidance_interval, indices=range(done, done + real.shape[0]),
-                                 context=to_float(real[:, :, :c]),
+                                 context=to_float(real[:, :, :c].to(device)),
                                  reconstruction_guidance=e.fvd_reconstruction_guidance)
-            yield real, to_uint8(predicted)
+            yield real, to_uint8(predicted).cpu()
             done += real.shape[0]
         if done == before:
             raise ValueError("frame prediction: the held-out split has no clips to take the context from")

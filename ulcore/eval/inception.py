@@ -26,6 +26,8 @@ saved PNG would be.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import importlib.util
@@ -252,13 +254,21 @@ def network_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     x = as_uint8_rgb(images).float()
     h, w = x.shape[-2:]
     if (h, w) != (INPUT_SIZE, INPUT_SIZE):
-        ry = _legacy_bilinear_matrix(h, INPUT_SIZE)
-        rx = _legacy_bilinear_matrix(w, INPUT_SIZE)
+        ry = _legacy_bilinear_matrix(h, INPUT_SIZE).to(x.device)
+        rx = _legacy_bilinear_matrix(w, INPUT_SIZE).to(x.device)
         x = torch.matmul(torch.matmul(ry, x), rx.T).clamp_(0.0, 255.0)  # separable; clamp = float round-off only
     return ((x - 128.0) / 128.0).contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------------------------------- the network
+
+
+def full_fp32_convolutions() -> contextlib.AbstractContextManager:
+    """cuDNN convolutions without TF32 (PyTorch allows TF32 there by default); nothing changes on the CPU."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    c = torch.backends.cudnn
+    return c.flags(enabled=c.enabled, benchmark=c.benchmark, deterministic=c.deterministic, allow_tf32=False)
 
 
 class FidFeatureExtractor:
@@ -268,7 +278,8 @@ class FidFeatureExtractor:
 
     def __init__(self, weights: WeightsSource | str = "", *, batch_size: int = 16, device: str = "cpu") -> None:
         self.weights = weights if isinstance(weights, WeightsSource) else resolve_fid_weights(weights)
-        self.network = inference_network(self.weights.path)[0].to(device)
+        network = inference_network(self.weights.path)[0]  # shared, cached per file: copied to another device
+        self.network = network if torch.device(device).type == "cpu" else copy.deepcopy(network).to(device)
         self.batch_size = batch_size
         self.device = device
 
@@ -277,17 +288,19 @@ class FidFeatureExtractor:
         return self.weights.sha256
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
-        """The bare network call on prepared input (N,3,299,299) in the network's range."""
-        with torch.inference_mode():
+        """The bare network call on prepared input (N,3,299,299) in the network's range. On CUDA in true fp32:
+        cuDNN's default TF32 convolutions would move the features (FID must not depend on the GPU it ran on)."""
+        with torch.inference_mode(), full_fp32_convolutions():
             out = self.network(x.to(self.device))
         return out.reshape(out.shape[0], -1)
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        """uint8 (or [-1, 1] float) images, any size, greyscale or RGB -> (N, 2048) float64 features."""
+        """uint8 (or [-1, 1] float) images, any size, greyscale or RGB -> (N, 2048) float64 features. The input
+        is resized on the network's device (uint8 crosses to it: a quarter of the float bytes)."""
         images = torch.as_tensor(images)
         chunks = []
         for start in range(0, images.shape[0], self.batch_size):
-            feats = self.raw(network_input(images[start:start + self.batch_size]))
+            feats = self.raw(network_input(images[start:start + self.batch_size].to(self.device)))
             chunks.append(feats.double().cpu().numpy())
         if not chunks:
             return np.zeros((0, FEATURE_DIM))

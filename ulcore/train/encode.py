@@ -26,6 +26,7 @@ from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
 from ulcore.data.shards import list_shards, read_stats, write_shard
 from ulcore.train.export import load_encoder, stage1_root
+from ulcore.train.precision import compute_device
 
 
 def latents_root(cfg: Config) -> str:
@@ -72,7 +73,7 @@ def encode_shard(shard_uri: str, out_uri: str, cfg_dict: dict[str, Any], env: di
     done = read_stats(out_uri)
     if done and done.get("encoder") == encoder_id and done.get("source_digest") == source:
         return {**done, "skipped": True}
-    device = torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    device = compute_device(cfg)
     encoder = _cached_encoder(stage1_root(cfg), encoder_id, str(device))
     sums: dict[str, Any] = {}
 

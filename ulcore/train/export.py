@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from ulcore import storage
@@ -54,7 +55,7 @@ def _load_weights(module: nn.Module, root: str, name: str) -> nn.Module:
 
 @dataclass
 class Stage1Bundle:
-    """The frozen stage-1 nets (EMA weights, eval mode, CPU) and the config they were trained with."""
+    """The frozen stage-1 nets (EMA weights, eval mode; loaded on the CPU, `to` moves them) and their config."""
 
     encoder: nn.Module
     decoder: nn.Module
@@ -65,6 +66,11 @@ class Stage1Bundle:
     def latent_schedule(self):
         return latent_schedule(self.config.model)
 
+    def to(self, device: torch.device | str) -> Stage1Bundle:
+        for net in (self.encoder, self.decoder, self.prior):
+            net.to(device)
+        return self
+
     @property
     def decoder_schedule(self):
         return decoder_schedule(self.config.model)
@@ -74,6 +80,10 @@ class Stage1Bundle:
 class Stage2Bundle:
     base: nn.Module
     config: Config
+
+    def to(self, device: torch.device | str) -> Stage2Bundle:
+        self.base.to(device)
+        return self
 
 
 def stage1_root(cfg: Config) -> str:

@@ -18,6 +18,12 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def compute_device(cfg) -> torch.device:
+    """Where a driver-side pass (encode tasks, evaluation) runs: the first CUDA device when `ray.use_gpu` is set
+    and one is visible, else the CPU."""
+    return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 on CUDA and on CPUs with AMX / AVX512-bf16, else fp32."""
     if precision != "auto":
