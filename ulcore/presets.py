@@ -35,11 +35,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "stage1": {"batch_size": 256, "lr": 1e-4, "warmup_samples": 2_560_000, "total_samples": 128_000_000,
                    "ema_halflife_samples": 10_000_000, "loss_factor": 1.5, "decoder_bias": -3.0,
                    "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000, "eval_steps": 64,
-                   "activation_checkpointing": True},  # bf16 step at 32/GPU: 153 GiB of tensors, 28 with
+                   "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.9 GiB peak, 22.7 samples/s;
+        # without recompute it runs out of memory (> 139 GiB)
         "stage2": {"batch_size": 1024, "lr": 1e-4, "warmup_samples": 10_240_000, "total_samples": 512_000_000,
                    "ema_halflife_samples": 10_000_000, "log_every_samples": 102_400,
-                   "ckpt_every_samples": 10_240_000,
-                   "activation_checkpointing": True},  # 128/GPU: 74 GiB (+AdamW > 80 GB), 12 with
+                   "ckpt_every_samples": 10_240_000},  # 128/GPU bf16, H200: 67.6 GiB peak with AdamW, fits 80 GB;
+        # recompute would take it to 12.7 GiB at 0.74x the speed (250 vs 337 samples/s, benchmarks/step.py)
         "encode": {"batch_size": 64},
         "eval": {"num_samples": 50_000, "reference_samples": 0, "sampler": "ancestral", "base_steps": 256,
                  "decoder_steps": 256, "guidance": 1.5, "guidance_interval": (-3.0, 5.0)},
@@ -57,10 +58,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
                    "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
                    "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000,
-                   "activation_checkpointing": True},  # bf16 step at 32/GPU: 137 GiB of tensors, 26 with
+                   "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.4 GiB peak, 20.6 samples/s
         "stage2": {"batch_size": 512, "lr": 1e-4, "total_samples": 256_000_000,
                    "warmup_samples": 5_120_000, "ema_halflife_samples": 10_000_000,
-                   "log_every_samples": 51_200, "ckpt_every_samples": 5_120_000},  # 64/GPU: 11 GiB: no recompute
+                   "log_every_samples": 51_200,
+                   "ckpt_every_samples": 5_120_000},  # 64/GPU bf16, H200: 13.6 GiB peak: no recompute
         "eval": {"num_samples": 50_000, "reference_samples": 0, "sampler": "ancestral", "base_steps": 256,
                  "decoder_steps": 256, "fvd_context_frames": 5},  # UL §5.7: condition on 5 frames, generate 11
         "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},

@@ -46,18 +46,21 @@ class Stage1Objective(nn.Module):
         self.config = cfg  # the resolved config travels with the nets (sampling reads schedules from it)
 
     def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Tensor]:
+        """Draws come from `gen` on its own device (the training loop gives one on the nets' device)."""
         x = loaders.to_float(batch["x"])
         n = x.shape[0]
 
         def normal(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=gen).to(like.device)
+            return torch.randn(like.shape, generator=gen, device=gen.device).to(like.device)
+
+        def times() -> Tensor:
+            return stratified_times(n, gen, gen.device).to(x.device)
 
         z_clean = self.encoder(x)
-        prior = diffusion_elbo(self.prior, z_clean, stratified_times(n, gen).to(x.device), normal(z_clean),
-                               self.latent_schedule)
+        prior = diffusion_elbo(self.prior, z_clean, times(), normal(z_clean), self.latent_schedule)
         z0 = encode_noise(z_clean, self.logsnr_0, normal(z_clean))
-        decoder = sigmoid_weighted_loss(decoder_fn(self.decoder, z0), x, stratified_times(n, gen).to(x.device),
-                                        normal(x), self.decoder_schedule, self.decoder_bias, self.loss_factor)
+        decoder = sigmoid_weighted_loss(decoder_fn(self.decoder, z0), x, times(), normal(x), self.decoder_schedule,
+                                        self.decoder_bias, self.loss_factor)
         return {
             "loss": prior.total + decoder,
             "prior_diffusion": prior.diffusion,

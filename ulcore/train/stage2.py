@@ -39,10 +39,10 @@ class Stage2Objective(nn.Module):
     def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Tensor]:
         z = batch["z"].float()
         n = z.shape[0]
-        drop = torch.rand(n, generator=gen).to(z.device) < self.label_dropout
+        drop = torch.rand(n, generator=gen, device=gen.device).to(z.device) < self.label_dropout
         labels = torch.where(drop, torch.full_like(batch["cls"], self.null), batch["cls"])
-        t = stratified_times(n, gen).to(z.device)
-        eps = torch.randn(z.shape, generator=gen).to(z.device)
+        t = stratified_times(n, gen, gen.device).to(z.device)
+        eps = torch.randn(z.shape, generator=gen, device=gen.device).to(z.device)
         loss = sigmoid_weighted_loss(lambda z_t, lam: self.base(z_t, lam, labels), z, t, eps, self.schedule,
                                      self.bias)
         return {"loss": loss}
