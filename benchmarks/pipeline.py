@@ -1,4 +1,4 @@
-"""Orchestration overhead: the embedded pipeline through Prefect (`ul` flow, ephemeral API) vs the five stage
+"""Orchestration overhead: the embedded pipeline through Prefect (`ul` flow, ephemeral API) vs the same stage
 functions called directly in one process, and the time of a no-op `dvc repro`.
 
     python benchmarks/pipeline.py [--set section.key=value ...] [--repeats N]

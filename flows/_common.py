@@ -22,6 +22,7 @@ from ulcore.config import Config, load_config
 # stage -> "module:function" of its ulcore entry point (imported lazily: one missing module breaks one flow)
 STAGE_FUNCTIONS = {
     "shard": "ulcore.data.sharding:run_shard",
+    "reference": "ulcore.eval.reference:run_reference",
     "stage1": "ulcore.train.stage1:run_stage1",
     "encode": "ulcore.train.encode:run_encode",
     "stage2": "ulcore.train.stage2:run_stage2",
@@ -108,7 +109,7 @@ def publish_summary(stage: str, markdown: str) -> None:
 
 
 def stage_flow_body(stage: str, params: str, overrides: list[str]) -> dict[str, Any]:
-    """Body shared by the five stage flows."""
+    """Body shared by the stage flows."""
     logger = get_run_logger()
     cfg = load(params, overrides)
     with flow_run_lineage() as prefect_run_id:

@@ -10,24 +10,7 @@ import torch
 
 from ulcore.config import load_config
 
-
-def _shards(cfg, images: np.ndarray) -> None:
-    from PIL import Image
-    import io
-
-    from ulcore import storage
-    from ulcore.data.shards import write_shard
-
-    def samples(split, start, n):
-        for i in range(start, start + n):
-            rgb = np.repeat(np.asarray(Image.fromarray(images[i]).resize((32, 32)))[..., None], 3, axis=2)
-            buf = io.BytesIO()
-            Image.fromarray(rgb).save(buf, format="PNG")
-            yield {"__key__": f"{split}_{i:05d}", "png": buf.getvalue(), "cls": i % 10}
-
-    for j, split in enumerate(cfg.data.splits):
-        write_shard(storage.join(cfg.storage.root, "data", "shards", split, f"{split}-000000.tar"),
-                    samples(split, j * 50, 8))
+from .conftest import write_image_shards
 
 
 def _models(cfg) -> None:
@@ -44,6 +27,7 @@ def _models(cfg) -> None:
 @pytest.mark.slow
 def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray_images, monkeypatch):
     from ulcore.eval.evaluate import run_evaluate
+    from ulcore.eval.reference import run_reference
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("UL_PARENT_RUN_ID", raising=False)
@@ -51,7 +35,7 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     cfg = load_config(None, [f"storage.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                              "eval.num_samples=4", "eval.batch_size=3", "eval.base_steps=2", "eval.decoder_steps=2",
                              "eval.grid_size=4", "eval.reference_samples=0"])
-    _shards(cfg, gray_images)
+    write_image_shards(cfg, gray_images)
     _models(cfg)
     result = run_evaluate(cfg)
 
@@ -76,6 +60,11 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["mlflow_run_id"])
     assert run.data.tags["stage"] == "evaluate" and run.data.metrics["gfid"] == pytest.approx(result["gfid"])
+
+    # the reference stage finds what evaluate stored, under the same keys, and computes nothing
+    ref = run_reference(cfg)
+    assert ref["computed"] == [] and ref["gfid_reference"]["key_hash"] == p["gfid_reference"]["key_hash"]
+    assert ref["rfid_reference"]["key_hash"] == p["rfid_reference"]["key_hash"]
 
     again = run_evaluate(cfg)  # nothing changed: no work, same numbers
     assert again["skipped"] is True and again["gfid"] == result["gfid"]

@@ -12,7 +12,8 @@ from prefect.settings import get_current_settings
 
 from ulcore import tracking
 
-OUTS = {"shard": ["data/shards/train/train-000000.tar"], "stage1": ["models/stage1/encoder.safetensors"],
+OUTS = {"shard": ["data/shards/train/train-000000.tar"], "reference": ["data/fid_refs/0123456789abcdef.npz"],
+        "stage1": ["models/stage1/encoder.safetensors"],
         "encode": ["data/latents/train/train-000000.tar"], "stage2": ["models/stage2/base.safetensors"],
         "evaluate": ["outputs/samples.png", "plots/rd.csv"]}
 METRICS = {"stage1": "metrics/stage1.json", "stage2": "metrics/stage2.json", "evaluate": "metrics/eval.json"}
@@ -39,6 +40,7 @@ def _run(stage: str, cfg) -> dict:
 
 
 def run_shard(cfg): return _run("shard", cfg)
+def run_reference(cfg): return _run("reference", cfg)
 def run_stage1(cfg): return _run("stage1", cfg)
 def run_encode(cfg): return _run("encode", cfg)
 def run_stage2(cfg): return _run("stage2", cfg)

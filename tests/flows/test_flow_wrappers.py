@@ -21,7 +21,7 @@ def fake_stages(monkeypatch):
     from flows import _common
 
     for stage in _common.STAGES:
-        fn = "run_" + ("evaluate" if stage == "evaluate" else stage)
+        fn = "run_" + stage
         monkeypatch.setitem(_common.STAGE_FUNCTIONS, stage, f"_fake_stages:{fn}")
     monkeypatch.delenv("UL_FAKE_FAIL", raising=False)
     monkeypatch.delenv("UL_PARENT_RUN_ID", raising=False)
@@ -90,7 +90,7 @@ def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch
     state = ul(return_state=True)
     assert state.is_failed()
     assert "fake failure in stage2" in state.message
-    assert (project / "calls.txt").read_text().split() == ["shard", "stage1", "encode", "stage2"]
+    assert (project / "calls.txt").read_text().split() == ["shard", "reference", "stage1", "encode", "stage2"]
     lock = (project / "dvc.lock").read_text()
     assert "shard:" in lock and "encode:" in lock and "stage2:" not in lock
 

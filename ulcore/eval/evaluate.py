@@ -5,7 +5,8 @@ Protocol (all from `eval.*`, logged with every number):
   sample_seeds(eval.seed, i), `sampler`, `base_steps` / `decoder_steps`, `guidance` on `guidance_interval`, EMA
   weights (the exported ones) - against the reference statistics of the first `reference_samples` training
   images (0 = the whole split, the standard protocol; split data.splits[0], shard order), cached under
-  data/fid_refs/<hash>.npz. The FID network file, its source and sha256 are pinned (inception.resolve_fid_weights).
+  data/fid_refs/<hash>.npz by the `reference` stage (reference.py; computed here when missing). The FID network
+  file, its source and sha256 are pinned (inception.resolve_fid_weights).
 - rFID / PSNR / SSIM / bits per pixel: the first `num_samples` held-out images (data.splits[1], or the training
   split when there is only one), reconstructed with seed eval.seed + 2 (decoder_steps, sampler); rFID compares
   the reconstructions with those same images (their statistics cached too).
@@ -36,32 +37,16 @@ import torch
 from ulcore import storage
 from ulcore.config import Config
 from ulcore.eval import reports
-from ulcore.eval.fid import (RunningStats, data_fingerprint, fid_from_stats, load_reference_stats, reference_key,
-                             store_reference_stats)
+from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
 from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted_clips
 from ulcore.eval.image_metrics import psnr, ssim
 from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
+from ulcore.eval.reference import Reference, frames, splits, take
 
 MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
 METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base", "fvd")
 RECON_SEED_OFFSET = 2  # generate() uses seed and seed + 1; reconstructions use seed + 2 and seed + 3
 BITS_SEED_OFFSET = 4
-
-
-def _frames(x: torch.Tensor) -> torch.Tensor:
-    """Clips (N,C,T,H,W) -> frames (N*T,C,H,W); images pass through."""
-    return x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], x.shape[3], x.shape[4]) if x.ndim == 5 else x
-
-
-def _take(batches, n: int):
-    """Yield batches until n examples have been produced (the last one cut), with their start index."""
-    seen = 0
-    for batch in batches:
-        if seen >= n:
-            return
-        b = min(batch["x"].shape[0], n - seen)
-        yield seen, {k: (v[:b] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}
-        seen += b
 
 
 def _file_digest(uri: str) -> str:
@@ -105,27 +90,6 @@ def metrics_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class _Reference:
-    """Reference statistics of real images for one split: loaded from the cache or accumulated while looping."""
-
-    def __init__(self, cfg: Config, split: str, uris: list[str], n: int, weights_sha: str) -> None:
-        self.root = cfg.storage.root
-        self.key_hash, self.key = reference_key(split=split, resolution=cfg.data.resolution,
-                                                weights_sha256=weights_sha, n=n,
-                                                data_fingerprint=data_fingerprint(uris), frames=cfg.model.frames)
-        found = load_reference_stats(self.root, self.key_hash, self.key)
-        self.stats, self.info = found if found else (None, None)
-        self.running = RunningStats() if found is None else None
-
-    def finish(self, n_seen: int) -> None:
-        if self.stats is None:
-            self.stats = self.running.stats()
-            if n_seen == self.key["n"] or self.key["n"] == 0:  # 0: the whole split, however many it holds
-                self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
-            else:  # fewer images than asked for: do not cache under a key that claims N
-                self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
-
-
 def _progress(phase: str, done: int, total: int) -> None:
     """One status line per batch: evaluation runs minutes on a CPU and should not look stuck."""
     print(f"[evaluate] {phase}: {done}/{total}", flush=True)
@@ -142,8 +106,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     storage.use_endpoint(cfg.storage.s3_endpoint)
     root, e = cfg.storage.root, cfg.eval
     t_start = time.perf_counter()
-    train_split = cfg.data.splits[0]
-    eval_split = cfg.data.splits[1] if len(cfg.data.splits) > 1 else cfg.data.splits[0]
+    train_split, eval_split = splits(cfg)
     shards = {train_split: shard_uris(cfg, "images", train_split), eval_split: shard_uris(cfg, "images", eval_split)}
     weights = resolve_fid_weights(e.fid_weights)
     roots = {"stage1": stage1_root(cfg)}
@@ -173,12 +136,12 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
     # --- held-out images: reconstructions, PSNR / SSIM, bitrates, rFID (and FVD reference clips)
     t0 = time.perf_counter()
-    val_ref = _Reference(cfg, eval_split, shards[eval_split], n, weights.sha256)
+    val_ref = Reference(cfg, eval_split, shards[eval_split], n, weights.sha256)
     rec_stats, i3d_real, i3d_rec = RunningStats(), RunningStats(), RunningStats()
     psnrs, ssims, bpp_prior, bpp_base = [], [], [], []
     grid_real, grid_rec = [], []
     n_val = 0
-    for start, batch in _take(eval_batches(shards[eval_split], batch_size=e.batch_size, kind="images"), n):
+    for start, batch in take(eval_batches(shards[eval_split], batch_size=e.batch_size, kind="images"), n):
         x_u8, labels = batch["x"], batch["cls"].to(device)
         x = to_float(x_u8.to(device))
         idx = range(start, start + x.shape[0])
@@ -190,8 +153,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         if stage2 is not None:
             bpp_base.append(base_bits_per_pixel(stage1, stage2, x, labels, seed=e.seed + BITS_SEED_OFFSET + start))
         if val_ref.running is not None:
-            val_ref.running.add(extractor(_frames(x_u8)))
-        rec_stats.add(extractor(_frames(rec_u8)))
+            val_ref.running.add(extractor(frames(x_u8)))
+        rec_stats.add(extractor(frames(rec_u8)))
         if i3d is not None:
             i3d_real.add(i3d(x_u8))
             i3d_rec.add(i3d(rec_u8))
@@ -207,17 +170,17 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     # after the first run); unconditional FVD's reference is the first num_samples training clips (frame
     # prediction compares with the held-out clips the context came from instead)
     t0 = time.perf_counter()
-    train_ref = _Reference(cfg, train_split, shards[train_split], e.reference_samples, weights.sha256)
+    train_ref = Reference(cfg, train_split, shards[train_split], e.reference_samples, weights.sha256)
     i3d_train = RunningStats()
     n_train = 0
     n_fid = (e.reference_samples or sys.maxsize) if train_ref.running is not None else 0
     n_fvd = n if i3d is not None and not e.fvd_context_frames else 0
     if n_fid or n_fvd:
-        for start, batch in _take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"),
+        for start, batch in take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"),
                                   max(n_fid, n_fvd)):
             if start < n_fid:
                 x_ref = batch["x"][:n_fid - start]
-                train_ref.running.add(extractor(_frames(x_ref)))
+                train_ref.running.add(extractor(frames(x_ref)))
                 n_train += x_ref.shape[0]
             if start < n_fvd:
                 i3d_train.add(i3d(batch["x"][:n_fvd - start]))
@@ -237,7 +200,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
                                      decoder_steps=e.decoder_steps, guidance=e.guidance,
                                      guidance_interval=e.guidance_interval,
                                      indices=range(start, start + labels.shape[0]))).cpu()
-            gen_stats.add(extractor(_frames(g_u8)))
+            gen_stats.add(extractor(frames(g_u8)))
             if i3d is not None and not e.fvd_context_frames:
                 i3d_gen.add(i3d(g_u8))
             if sum(g.shape[0] for g in grid_gen) < e.grid_size:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,20 +178,6 @@ def store_reference_stats(root: str, key_hash: str, key: dict, stats: FeatureSta
             "n": stats.n}
 
 
-def cached_reference_stats(root: str, key_hash: str, key: dict,
-                           compute: Callable[[], Iterable[np.ndarray]]) -> tuple[FeatureStats, dict]:
-    """Load <root>/data/fid_refs/<key_hash>.npz, or compute it from the feature batches `compute()` yields and
-    store it. Returns (stats, info), info = {key_hash, file_sha256, uri, cached, n}."""
-    found = load_reference_stats(root, key_hash, key)
-    if found is not None:
-        return found
-    running = RunningStats()
-    for feats in compute():
-        running.add(feats)
-    stats = running.stats()
-    return stats, store_reference_stats(root, key_hash, key, stats)
-
-
 __all__ = ["FeatureStats", "RunningStats", "feature_statistics", "trace_sqrt_product", "frechet_distance",
            "fid_from_stats", "reference_key", "data_fingerprint", "reference_uri", "load_reference_stats",
-           "store_reference_stats", "cached_reference_stats"]
+           "store_reference_stats"]

@@ -1,0 +1,66 @@
+"""The reference stage: FID statistics of the real images, computed once per key and reused (real FID network,
+real image shards at smoke scale)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ulcore.config import load_config
+from ulcore.eval.fid import feature_statistics, load_reference_stats, reference_key
+from ulcore.eval.inception import FidWeightsNotFound
+
+from .conftest import write_image_shards
+
+
+def _cfg(root, *overrides):
+    return load_config(None, [f"storage.root={root}", "eval.num_samples=4", "eval.batch_size=3",
+                              "eval.reference_samples=0", *overrides])
+
+
+def test_computes_both_references_once_and_they_are_the_images_statistics(tmp_path, gray_images, extractor):
+    from ulcore.data.loaders import eval_batches, shard_uris
+    from ulcore.eval.reference import run_reference
+
+    cfg = _cfg(tmp_path)
+    write_image_shards(cfg, gray_images)
+    first = run_reference(cfg)
+    assert first["computed"] == ["gfid_reference", "rfid_reference"]
+    assert (first["gfid_reference"]["n"], first["rfid_reference"]["n"]) == (8, 4)  # the whole split; num_samples
+    assert (first["gfid_reference"]["split"], first["rfid_reference"]["split"]) == ("train", "val")
+    assert "| gfid_reference | train | 8 |" in first["markdown"] and "computed |" in first["markdown"]
+
+    for role, split, n in (("gfid_reference", "train", 0), ("rfid_reference", "val", 4)):
+        uris = shard_uris(cfg, "images", split)
+        images = np.concatenate([b["x"].numpy() for b in eval_batches(uris, batch_size=8, kind="images")])
+        want = feature_statistics(extractor(images[:n or None]))
+        key_hash, key = _key(cfg, split, n, extractor, uris)
+        assert key_hash == first[role]["key_hash"]
+        stats, info = load_reference_stats(str(tmp_path), key_hash, key)
+        assert info["file_sha256"] == first[role]["file_sha256"] and stats.n == want.n
+        np.testing.assert_allclose(stats.mu, want.mu, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats.sigma, want.sigma, rtol=1e-5, atol=1e-8)
+
+    again = run_reference(cfg)  # nothing to do: same keys, same files
+    assert again["computed"] == [] and "cached |" in again["markdown"]
+    assert again["gfid_reference"]["file_sha256"] == first["gfid_reference"]["file_sha256"]
+
+    more = run_reference(_cfg(tmp_path, "eval.num_samples=6"))  # another N held out: only that key is new
+    assert more["computed"] == ["rfid_reference"] and more["rfid_reference"]["n"] == 6
+
+
+def _key(cfg, split, n, extractor, uris):
+    from ulcore.eval.fid import data_fingerprint
+
+    return reference_key(split=split, resolution=cfg.data.resolution, weights_sha256=extractor.sha256, n=n,
+                         data_fingerprint=data_fingerprint(uris), frames=cfg.model.frames)
+
+
+def test_a_missing_fid_network_fails_before_any_work(tmp_path, gray_images):
+    from ulcore.eval.reference import run_reference
+
+    cfg = _cfg(tmp_path, f"eval.fid_weights={tmp_path / 'nope.pt'}")
+    write_image_shards(cfg, gray_images)
+    with pytest.raises(FidWeightsNotFound, match="eval.fid_weights = .*nope.pt.*no such file"):
+        run_reference(cfg)
+    assert not (tmp_path / "data" / "fid_refs").exists()

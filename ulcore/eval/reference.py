@@ -1,0 +1,121 @@
+"""The `reference` stage: FID statistics of the real images that evaluations compare with, computed once per
+dataset version and kept in data/fid_refs/ (a DVC output, so `dvc push` shares them and nobody recomputes them).
+
+The two references the evaluate stage reads (evaluate.py states the protocol):
+- gFID: the first `eval.reference_samples` images of the training split (0 = the whole split);
+- rFID: the first `eval.num_samples` held-out images, the ones the evaluation reconstructs.
+Each is keyed by (split, resolution, frames, FID-network sha256, N, shard fingerprint) and stored under the key's
+hash (fid.reference_key); a key already stored is not computed again. They depend on the data and the FID network
+only, never on a model, so the pipeline computes them right after sharding: a missing or broken FID network fails
+the run before any training, and each evaluation after it does only model work. The evaluate stage computes a
+missing reference itself, so it also runs on its own.
+
+At scale this is the pass over the whole training split that every evaluation would otherwise repeat: 1.28 M
+images for ImageNet, ~11 min of FID features at the ~1,950 images/s one H200 extracts (benchmarks/gpu.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from ulcore import storage
+from ulcore.config import Config
+from ulcore.eval.fid import (RunningStats, data_fingerprint, load_reference_stats, reference_key,
+                             store_reference_stats)
+
+
+def frames(x: torch.Tensor) -> torch.Tensor:
+    """Clips (N,C,T,H,W) -> frames (N*T,C,H,W); images pass through (video FID is over all frames)."""
+    return x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], x.shape[3], x.shape[4]) if x.ndim == 5 else x
+
+
+def take(batches: Iterable[dict[str, Any]], n: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield batches until n examples have been produced (the last one cut), with their start index."""
+    seen = 0
+    for batch in batches:
+        if seen >= n:
+            return
+        b = min(batch["x"].shape[0], n - seen)
+        yield seen, {k: (v[:b] if hasattr(v, "__getitem__") else v) for k, v in batch.items()}
+        seen += b
+
+
+def splits(cfg: Config) -> tuple[str, str]:
+    """(training split, held-out split): the last configured split is held out; one split serves as both."""
+    return cfg.data.splits[0], cfg.data.splits[1] if len(cfg.data.splits) > 1 else cfg.data.splits[0]
+
+
+class Reference:
+    """Reference statistics of real images for one split: loaded from the cache, or accumulated through
+    `running` (by `fill`, or by an evaluation that reads these images anyway) and stored by `finish`."""
+
+    def __init__(self, cfg: Config, split: str, uris: list[str], n: int, weights_sha: str) -> None:
+        self.root, self.split, self.uris = cfg.storage.root, split, uris
+        self.key_hash, self.key = reference_key(split=split, resolution=cfg.data.resolution,
+                                                weights_sha256=weights_sha, n=n,
+                                                data_fingerprint=data_fingerprint(uris), frames=cfg.model.frames)
+        found = load_reference_stats(self.root, self.key_hash, self.key)
+        self.stats, self.info = found if found else (None, None)
+        self.running = RunningStats() if found is None else None
+
+    @property
+    def n(self) -> int:
+        """Images asked for; 0 = the whole split."""
+        return self.key["n"]
+
+    def fill(self, extractor, batch_size: int) -> None:
+        """Compute the statistics from the split's first N images (all of them for N = 0) and store them."""
+        from ulcore.data.loaders import eval_batches
+
+        seen = 0
+        for _, batch in take(eval_batches(self.uris, batch_size=batch_size, kind="images"), self.n or sys.maxsize):
+            self.running.add(extractor(frames(batch["x"])))
+            seen += batch["x"].shape[0]
+        self.finish(seen)
+
+    def finish(self, n_seen: int) -> None:
+        if self.stats is None:
+            self.stats = self.running.stats()
+            if n_seen == self.n or self.n == 0:  # 0: the whole split, however many it holds
+                self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
+            else:  # fewer images than asked for: do not cache under a key that claims N
+                self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
+
+
+def run_reference(cfg: Config) -> dict[str, Any]:
+    """The `reference` stage: compute the gFID and rFID reference statistics that are not stored yet."""
+    from ulcore.data.loaders import shard_uris
+    from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
+    from ulcore.train.precision import compute_device
+
+    storage.use_endpoint(cfg.storage.s3_endpoint)
+    e, t_start = cfg.eval, time.perf_counter()
+    weights = resolve_fid_weights(e.fid_weights)  # a missing or broken network fails here, before any training
+    train_split, eval_split = splits(cfg)
+    plan = {"gfid_reference": (train_split, e.reference_samples), "rfid_reference": (eval_split, e.num_samples)}
+    extractor, computed, infos = None, [], {}
+    for role, (split, n) in plan.items():  # one after the other: the same key twice is computed once
+        ref = Reference(cfg, split, shard_uris(cfg, "images", split), n, weights.sha256)
+        if ref.stats is None:
+            if extractor is None:
+                device = compute_device(cfg)
+                extractor = FidFeatureExtractor(weights, batch_size=16 if device.type == "cpu" else e.batch_size,
+                                                device=str(device))
+            print(f"[reference] {role}: FID statistics of {n or 'all'} {split} images", flush=True)
+            ref.fill(extractor, e.batch_size)
+            computed.append(role)
+        infos[role] = {**ref.info, "split": split}
+    rows = [f"| {role} | {i['split']} | {i['n']} | `{i['key_hash']}` | {'computed' if role in computed else 'cached'} |"
+            for role, i in infos.items()]
+    markdown = "\n".join(["| reference | split | images | key | this run |", "| --- | --- | --- | --- | --- |", *rows,
+                          "", f"FID network: {weights.source} (sha256 {weights.sha256[:12]})."])
+    return {**infos, "computed": computed, "fid_weights_sha256": weights.sha256,
+            "seconds": round(time.perf_counter() - t_start, 2), "markdown": markdown}
+
+
+__all__ = ["Reference", "run_reference", "frames", "take", "splits"]
