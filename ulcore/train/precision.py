@@ -1,4 +1,5 @@
-"""Mixed precision choice: bf16 autocast where the hardware runs it fast, fp32 elsewhere."""
+"""Hardware choices: which device a driver-side pass runs on, and bf16 autocast where the hardware runs it fast
+(fp32 elsewhere)."""
 
 from __future__ import annotations
 
