@@ -6,6 +6,7 @@ Prints one JSON line per check and exits 1 when a check fails:
 - `fid_features`: pool3 features of the same images on CUDA (our extractor: fp32 convolutions) and on the CPU,
   and the deviation cuDNN's default TF32 convolutions would cause, as relative feature error and as the change
   of an FID between two image sets; CUDA throughput of the extractor vs the bare network call (target >= 0.9).
+- `i3d_features`: FVD's I3D features on CUDA vs the CPU (a stand-in network: no I3D weights ship), clips/s.
 - `sampling`: reconstructions, generated samples and both bits/pixel estimates of the exported models in
   `--models` (stage1/, stage2/: what the tiny pipeline writes) on CUDA vs the CPU, from the same per-sample seeds.
 - `nccl`: a one-rank NCCL group: all-reduce, and a DDP-wrapped Stage-1 step in bf16.
@@ -102,6 +103,24 @@ def check_fid(weights: str, n: int, device: torch.device) -> None:
                 "target_ratio": 0.9}, ok=t_bare / t_ours >= 0.9)
 
 
+def check_i3d(n: int, device: torch.device) -> None:
+    """FVD's I3D on CUDA vs the CPU, on a randomly initialised network of the real architecture saved as a state
+    dict (agreement does not depend on the weights; no I3D weights ship here), and its clips/s on the GPU."""
+    from ulcore.eval.fvd import I3DFeatures, InceptionI3d
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "i3d_stand_in.pt")
+        torch.save(InceptionI3d().state_dict(), path)
+        cpu, gpu = I3DFeatures(path), I3DFeatures(path, batch_size=n, device=str(device))
+    clips = smooth_images(n * 8, 5).reshape(n, 8, 3, 32, 32).transpose(1, 2).contiguous()  # (N,3,T=8,32,32)
+    f_cpu, f_gpu = cpu(clips), gpu(clips)
+    deviation = float(np.abs(f_gpu - f_cpu).max() / np.abs(f_cpu).max())
+    seconds = _timed(lambda: gpu(clips), device)
+    report({"check": "i3d_features", "clips": n, "rel_deviation_cuda_vs_cpu": deviation,
+            "clips_per_s": round(n / seconds, 1), "tolerance": FEATURE_TOLERANCE}, ok=deviation <= FEATURE_TOLERANCE)
+
+
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     from ulcore.eval.image_metrics import psnr
 
@@ -186,6 +205,7 @@ def main() -> None:
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "bf16": torch.cuda.is_bf16_supported(), "cudnn_allow_tf32_default": torch.backends.cudnn.allow_tf32})
     check_fid(args.fid_weights, args.images, device)
+    check_i3d(8, device)
     if os.path.isdir(os.path.join(args.models, "stage2")):
         check_sampling(args.models, args.images, device)
     else:

@@ -129,7 +129,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     n = e.num_samples
     timings: dict[str, float] = {}
     try:
-        i3d: I3DFeatures | None = I3DFeatures(e.i3d_weights) if cfg.is_video else None
+        i3d: I3DFeatures | None = (I3DFeatures(e.i3d_weights, batch_size=4 if device.type == "cpu" else 16,
+                                               device=str(device)) if cfg.is_video else None)
         fvd_reason = None if cfg.is_video else "not a video model"
     except I3DUnavailable as exc:
         i3d, fvd_reason = None, str(exc)

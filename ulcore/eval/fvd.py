@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ulcore.eval.fid import FeatureStats, fid_from_stats, feature_statistics
-from ulcore.eval.inception import file_sha256, is_torchscript
+from ulcore.eval.inception import file_sha256, full_fp32_convolutions, is_torchscript
 
 I3D_SIZE = 224
 I3D_MIN_FRAMES = 16
@@ -141,21 +141,22 @@ class I3DUnavailable(RuntimeError):
 
 
 class I3DFeatures:
-    """Loaded I3D network + the clip preparation above. Raises I3DUnavailable with the reason."""
+    """Loaded I3D network + the clip preparation above, on `device` (CUDA convolutions in true fp32, as for FID).
+    Raises I3DUnavailable with the reason."""
 
-    def __init__(self, path: str, *, batch_size: int = 4) -> None:
+    def __init__(self, path: str, *, batch_size: int = 4, device: str = "cpu") -> None:
         if not path:
             raise I3DUnavailable("eval.i3d_weights is empty: FVD needs a user-supplied I3D weights file "
                                  "(i3d_pretrained_400.pt state dict or StyleGAN-V i3d_torchscript.pt); none ships "
                                  "with any package here")
         if not Path(path).is_file():
             raise I3DUnavailable(f"eval.i3d_weights = {path!r}: no such file")
-        self.path, self.batch_size = path, batch_size
+        self.path, self.batch_size, self.device = path, batch_size, device
         self.sha256 = file_sha256(path)
         try:
             if is_torchscript(path):
                 self.kind = "torchscript"
-                self.net = torch.jit.load(path, map_location="cpu").eval()
+                self.net = torch.jit.load(path, map_location=device).eval()
             else:
                 self.kind = "state_dict"
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -163,7 +164,7 @@ class I3DFeatures:
                     state = state["state_dict"]
                 self.net = InceptionI3d()
                 self.net.load_state_dict(state)
-                self.net.eval()
+                self.net.to(device).eval()
         except I3DUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - any load failure becomes the reported reason
@@ -181,7 +182,7 @@ class I3DFeatures:
             x = x.expand(-1, 3, -1, -1, -1)
         n, c, t, h, w = x.shape
         if t < I3D_MIN_FRAMES:
-            idx = torch.floor(torch.arange(I3D_MIN_FRAMES) * (t / I3D_MIN_FRAMES)).long()
+            idx = torch.floor(torch.arange(I3D_MIN_FRAMES, device=x.device) * (t / I3D_MIN_FRAMES)).long()
             x, t = x[:, :, idx], I3D_MIN_FRAMES
         if (h, w) != (I3D_SIZE, I3D_SIZE):
             frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
@@ -191,14 +192,15 @@ class I3DFeatures:
 
     def __call__(self, clips: torch.Tensor) -> np.ndarray:
         out = []
-        with torch.inference_mode():
+        clips = torch.as_tensor(clips)
+        with torch.inference_mode(), full_fp32_convolutions():
             for start in range(0, clips.shape[0], self.batch_size):
-                x = self.prepare(clips[start:start + self.batch_size])
+                x = self.prepare(clips[start:start + self.batch_size].to(self.device))
                 if self.kind == "torchscript":
                     feats = self.net(x, rescale=False, resize=False, return_features=True)
                 else:
                     feats = self.net(x)
-                out.append(feats.reshape(feats.shape[0], -1).double().numpy())
+                out.append(feats.reshape(feats.shape[0], -1).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES))
 
 
