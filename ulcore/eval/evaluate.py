@@ -40,7 +40,7 @@ from ulcore.eval import reports
 from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
 from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted_clips
 from ulcore.eval.image_metrics import psnr, ssim
-from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
+from ulcore.eval.inception import extractor_on, resolve_fid_weights
 from ulcore.eval.reference import Reference, frames, splits, take
 
 MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
@@ -121,9 +121,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
             return {**previous, "skipped": True, "markdown": metrics_markdown(previous)}
 
     device = compute_device(cfg)
-    # 16 a batch on the CPU (no gain above, measured); a whole eval batch on a GPU
-    extractor = FidFeatureExtractor(weights, batch_size=16 if device.type == "cpu" else e.batch_size,
-                                    device=str(device))
+    extractor = extractor_on(device, weights, e.batch_size)
     stage1 = load_stage1(roots["stage1"]).to(device)
     stage2 = load_stage2(roots["stage2"]).to(device) if has_stage2 else None
     n = e.num_samples

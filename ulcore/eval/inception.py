@@ -311,6 +311,12 @@ class FidFeatureExtractor:
         return features
 
 
+def extractor_on(device: torch.device, weights: WeightsSource, gpu_batch: int) -> FidFeatureExtractor:
+    """The extractor an evaluation pass uses on `device`: 16 images a batch on the CPU (no gain above, measured),
+    `gpu_batch` on a GPU."""
+    return FidFeatureExtractor(weights, batch_size=16 if device.type == "cpu" else gpu_batch, device=str(device))
+
+
 @functools.lru_cache(maxsize=4)
 def fid_extractor(configured: str = "", batch_size: int = 16) -> FidFeatureExtractor:
     """A process-wide extractor per configured path (the network loads once)."""
@@ -318,6 +324,6 @@ def fid_extractor(configured: str = "", batch_size: int = 16) -> FidFeatureExtra
 
 
 __all__ = ["FEATURE_DIM", "INPUT_SIZE", "INPUT_PROTOCOL", "HUB_FILES", "FidWeightsNotFound", "FidWeightsInvalid",
-           "WeightsSource", "FidFeatureExtractor", "fid_extractor", "resolve_fid_weights", "load_fid_network",
-           "hub_checkpoint_dir", "inference_network", "wheel_weights_path", "is_torchscript", "network_input",
-           "as_uint8_rgb", "file_sha256"]
+           "WeightsSource", "FidFeatureExtractor", "extractor_on", "fid_extractor", "resolve_fid_weights",
+           "load_fid_network", "hub_checkpoint_dir", "inference_network", "wheel_weights_path", "is_torchscript",
+           "network_input", "as_uint8_rgb", "file_sha256", "full_fp32_convolutions"]

@@ -90,7 +90,7 @@ class Reference:
 def run_reference(cfg: Config) -> dict[str, Any]:
     """The `reference` stage: compute the gFID and rFID reference statistics that are not stored yet."""
     from ulcore.data.loaders import shard_uris
-    from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
+    from ulcore.eval.inception import extractor_on, resolve_fid_weights
     from ulcore.train.precision import compute_device
 
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -103,9 +103,7 @@ def run_reference(cfg: Config) -> dict[str, Any]:
         ref = Reference(cfg, split, shard_uris(cfg, "images", split), n, weights.sha256)
         if ref.stats is None:
             if extractor is None:
-                device = compute_device(cfg)
-                extractor = FidFeatureExtractor(weights, batch_size=16 if device.type == "cpu" else e.batch_size,
-                                                device=str(device))
+                extractor = extractor_on(compute_device(cfg), weights, e.batch_size)
             print(f"[reference] {role}: FID statistics of {n or 'all'} {split} images", flush=True)
             ref.fill(extractor, e.batch_size)
             computed.append(role)

@@ -66,14 +66,14 @@ class Stage1Bundle:
     def latent_schedule(self):
         return latent_schedule(self.config.model)
 
+    @property
+    def decoder_schedule(self):
+        return decoder_schedule(self.config.model)
+
     def to(self, device: torch.device | str) -> Stage1Bundle:
         for net in (self.encoder, self.decoder, self.prior):
             net.to(device)
         return self
-
-    @property
-    def decoder_schedule(self):
-        return decoder_schedule(self.config.model)
 
 
 @dataclass
