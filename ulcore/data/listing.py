@@ -7,9 +7,10 @@ stage and never loses a file silently:
 - ignored (counted, not listed): any path with a hidden part - a dot-name (`.DS_Store`, `._x.JPEG`, `.git/`) or
   `__MACOSX/`, `Thumbs.db`, `desktop.ini` (any case) - which file managers leave behind and which hold no samples;
 - rejected with a reason: `broken_link` (a symlink whose target is gone), `symlink_loop` (a folder link back to
-  one of its own parents), `not_a_file` (a FIFO, socket or device), `unreadable` (a folder that cannot be
-  listed), `nested` (a file in a folder deeper than the layout has; that folder stands where files are
-  expected), `unknown_extension` (not one of the layout's file types; case does not matter: `.JPEG` = `.jpg`);
+  one of its own parents), `not_a_file` (a FIFO, socket or device), `unreadable` (a folder that cannot be listed,
+  a file that cannot be stat'ed), `nested` (a file in a folder deeper than the layout has; that folder stands
+  where files are expected), `unknown_extension` (not one of the layout's file types, in any case: `.JPEG` =
+  `.jpeg`);
 - every other file is a candidate, and the layout module turns it into a sample key (`shards.safe_key`).
 
 Symlinked folders are followed (a class folder may live on another disk). Empty folders hold no file and are
