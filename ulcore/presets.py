@@ -50,19 +50,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "data": {"source": "kinetics", "resolution": 128, "random_flip": False},
         "video": {"frames": 16, "fps": 8.0, "clip_format": "npy"},
         "shard": {"samples_per_shard": 500, "max_parallel": 16},
+        # UL §5.7: 4x temporal, 8x spatial downsampling -> a 4x16x16 latent grid (patch 2, then 2 stage transitions)
         "model": {"num_classes": 600, "frames": 16, "temporal_downsample": 4, "latent_channels": 32,
-                  "patch_size": 2, "encoder_channels": (128, 256, 512, 512), "encoder_blocks": 2,
+                  "patch_size": 2, "encoder_channels": (128, 256, 512), "encoder_blocks": 2,
                   "prior_width": 1024, "prior_depth": 8, "decoder_channels": (128, 256, 512),
                   "decoder_blocks": 2, "decoder_width": 1024, "decoder_depth": 8,
                   "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
         "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
                    "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
                    "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000,
-                   "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.4 GiB peak, 20.6 samples/s
+                   "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.4 GiB peak, 20.6 samples/s,
+        # measured with the previous 4x8x8 latent grid: to be re-measured (benchmarks/step.py --device cuda)
         "stage2": {"batch_size": 512, "lr": 1e-4, "total_samples": 256_000_000,
                    "warmup_samples": 5_120_000, "ema_halflife_samples": 10_000_000,
                    "log_every_samples": 51_200,
-                   "ckpt_every_samples": 5_120_000},  # 64/GPU bf16, H200: 13.6 GiB peak: no recompute
+                   "ckpt_every_samples": 5_120_000},  # 64/GPU bf16, H200: 13.6 GiB peak: no recompute; measured
+        # with the previous 4x8x8 grid (256 latent tokens, now 1,024): to be re-measured
         "eval": {"num_samples": 50_000, "reference_samples": 0, "sampler": "ancestral", "base_steps": 256,
                  "decoder_steps": 256, "fvd_context_frames": 5},  # UL §5.7: condition on 5 frames, generate 11
         "ray": {"num_workers": 8, "use_gpu": True, "cpus_per_worker": 8},

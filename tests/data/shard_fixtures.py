@@ -52,6 +52,7 @@ def make_imagenet_tree(root: Path) -> dict:
     (a / "n00000001_trunc.JPEG").write_bytes(full[: len(full) // 2])
     (a / "n00000001_empty.JPEG").write_bytes(b"")
     (b / "n00000002_notes.txt").write_text("not an image")
+    _mac_and_windows_debris(root / "train", a.name, "n00000001_0.JPEG")
     val = root / "val"
     val.mkdir()
     rows = ["ImageId,PredictionString"]
@@ -61,8 +62,19 @@ def make_imagenet_tree(root: Path) -> dict:
     rows.append("ILSVRC2012_val_00000099,n00000001 1 2 3 4")  # listed, file absent
     (val / "ILSVRC2012_val_00000050.JPEG").write_bytes(_jpeg(_photo(30, 30, 50)))  # file with no label
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
-    return {"train": {"samples": 9, "reasons": {"empty": 1, "truncated": 1, "undecodable": 1}},
-            "val": {"samples": 3, "reasons": {"missing": 1, "unlabelled": 1}}}
+    (val / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return {"train": {"samples": 9, "reasons": {"empty": 1, "truncated": 1, "unknown_extension": 1}, "ignored": 5},
+            "val": {"samples": 3, "reasons": {"missing": 1, "unlabelled": 1}, "ignored": 1}}
+
+
+def _mac_and_windows_debris(split_dir: Path, folder: str, name: str) -> None:
+    """What a copy through Finder / Explorer leaves in a split folder (`folder` below it): 5 files, no sample."""
+    (split_dir / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (split_dir / folder / f"._{name}").write_bytes(b"\0\5\26\7AppleDouble")  # stem '' : the reported crash
+    (split_dir / "__MACOSX" / folder).mkdir(parents=True)
+    (split_dir / "__MACOSX" / folder / f"._{name}").write_bytes(b"\0\5\26\7")
+    (split_dir / folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (split_dir / folder / "desktop.ini").write_text("[.ShellClassInfo]\n")
 
 
 def _clip(frames: int, w: int, h: int, seed: int) -> np.ndarray:
@@ -107,6 +119,7 @@ def make_kinetics_tree(root: Path, good: int = 4) -> dict:
     rows["train"].append({"label": LABELS[2], "youtube_id": "broken00000", "time_start": 10, "time_end": 20,
                           "split": "train"})
     add("train", train, "emptyclip00", LABELS[2], None, raw=b"")
+    _mac_and_windows_debris(train, "", "good0000000_000010_000020.mp4")
     add("validate", val, "valclip0000", LABELS[2], _clip(24, 40, 30, 11))
     add("validate", val, "valclip0001", LABELS[0], _clip(24, 30, 40, 12))
     for split, file in (("train", "train.csv"), ("validate", "validate.csv")):
@@ -115,8 +128,9 @@ def make_kinetics_tree(root: Path, good: int = 4) -> dict:
         writer.writeheader()
         writer.writerows(rows[split])
         (root / "annotations" / file).write_text(buf.getvalue())
-    return {"train": {"samples": good + 1, "reasons": {"empty": 1, "missing": 1, "too_short": 1, "undecodable": 1}},
-            "val": {"samples": 2, "reasons": {}}}
+    return {"train": {"samples": good + 1, "reasons": {"empty": 1, "missing": 1, "too_short": 1, "undecodable": 1},
+                      "ignored": 5},
+            "val": {"samples": 2, "reasons": {}, "ignored": 0}}
 
 
 def image_cfg(raw: str, out: str, *extra: str):

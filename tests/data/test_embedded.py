@@ -60,8 +60,8 @@ def test_video_layout_is_kinetics(tmp_path):
     assert len(rows) == 10 and set(rows[0]) == {"label", "youtube_id", "time_start", "time_end", "split"}
     assert {r["label"] for r in rows} >= {"T-shirt/top", "Ankle boot"}
     labels = read_classes(str(root), cfg)
-    items, rejects = list_split(str(root), cfg, "val", labels)
-    assert len(items) == 10 and rejects == []
-    clip = decode_clip(items[0].uri, fps=8.0, resolution=32, frames=8, timeout_s=30)
+    listed = list_split(str(root), cfg, "val", labels)
+    assert len(listed.items) == 10 and listed.rejects == [] and listed.ignored == 0
+    clip = decode_clip(listed.items[0].uri, fps=8.0, resolution=32, frames=8, timeout_s=30)
     assert clip.shape == (8, 32, 32, 3)
     assert np.abs(clip[-1].astype(int) - clip[0].astype(int)).mean() > 1  # the object moves

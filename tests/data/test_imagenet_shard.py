@@ -48,12 +48,13 @@ def test_counts_and_reasons(local_run):
         s = summary["splits"][split]
         assert s["samples"] == expected[split]["samples"]
         assert s["rejected_by_reason"] == expected[split]["reasons"]
+        assert s["ignored"] == expected[split]["ignored"] and s["capped"] == 0
     assert summary["splits"]["train"]["per_class"] == {"0": 6, "1": 3}
     assert [c["name"] for c in summary["classes"]] == ["first class", "second, with comma"]
     by_path = {os.path.basename(r["path"]): r["reason"] for r in summary["rejected"]}
     assert by_path["n00000001_trunc.JPEG"] == "truncated"
     assert by_path["n00000001_empty.JPEG"] == "empty"
-    assert by_path["n00000002_notes.txt"] == "undecodable"
+    assert by_path["n00000002_notes.txt"] == "unknown_extension"
     assert by_path["ILSVRC2012_val_00000099.JPEG"] == "missing"
     assert by_path["ILSVRC2012_val_00000050.JPEG"] == "unlabelled"
     assert storage.read_json(str(out / "data/shards/summary.json"))["splits"] == summary["splits"]
@@ -98,7 +99,7 @@ def test_changed_params_rebuild_and_prune(local_run, tmp_path):
     raw = cfg.data.root
     fresh = image_cfg(raw, str(tmp_path), "shard.samples_per_shard=2")
     first = run_shard(fresh)
-    assert first["splits"]["train"]["shards"] == 6  # 12 listed files (3 rejected inside their shards) / 2
+    assert first["splits"]["train"]["shards"] == 6  # 11 listed files (2 rejected inside their shards) / 2
     second = run_shard(image_cfg(raw, str(tmp_path), "shard.samples_per_shard=4", "shard.image_format=webp"))
     assert second["run"]["shards_built"] == 4
     assert sorted(p.name for p in (tmp_path / "data/shards/train").glob("*.tar")) == [

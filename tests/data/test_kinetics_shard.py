@@ -28,6 +28,7 @@ def test_counts_reasons_and_classes(npy_run):
     for split in ("train", "val"):
         assert summary["splits"][split]["samples"] == expected[split]["samples"]
         assert summary["splits"][split]["rejected_by_reason"] == expected[split]["reasons"]
+        assert summary["splits"][split]["ignored"] == expected[split]["ignored"]
     assert [c["name"] for c in summary["classes"]] == sorted(LABELS)  # quotes, commas, parentheses kept
     reasons = {os.path.basename(r["path"]).split("_")[0]: r["reason"] for r in summary["rejected"]}
     assert reasons == {"missing0000": "missing", "tooshort000": "too_short", "broken00000": "undecodable",

@@ -8,6 +8,7 @@ import torch
 from tests.diffusion.gaussian import gaussian_nll, optimal_velocity, posterior_nll
 from ulcore.diffusion.losses import (
     bits_per_pixel,
+    bits_per_subpixel,
     diffusion_elbo,
     encode_noise,
     kl_prior_1,
@@ -82,3 +83,10 @@ def test_decoder_loss_scales_exactly_with_the_loss_factor_and_has_sigmoid_weight
 def test_bits_per_pixel_units():
     nats = torch.tensor([math.log(2) * 32 * 32])
     assert bits_per_pixel(nats, 32 * 32).item() == pytest.approx(1.0)
+
+
+def test_bits_per_subpixel_divides_by_the_channels_too():
+    # 1 bit per sub-pixel of a 32x32 RGB image: 3072 bits in all = 3 bits per pixel
+    nats = torch.tensor([math.log(2) * 32 * 32 * 3])
+    bpp = bits_per_pixel(nats, 32 * 32)
+    assert bpp.item() == pytest.approx(3.0) and bits_per_subpixel(bpp, 3).item() == pytest.approx(1.0)

@@ -39,8 +39,11 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     _models(cfg)
     result = run_evaluate(cfg)
 
-    for key in ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base"):
+    for key in ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
+                "bits_per_subpixel_prior", "bits_per_subpixel_base"):
         assert isinstance(result[key], float) and np.isfinite(result[key]), key
+    for which in ("prior", "base"):  # per sub-pixel = per pixel / 3 RGB channels
+        assert result[f"bits_per_subpixel_{which}"] == pytest.approx(result[f"bits_per_pixel_{which}"] / 3)
     assert result["fvd"] is None and result["fvd_unavailable_reason"] == "not a video model"
     p = result["protocol"]
     assert p["num_samples"] == 4 and p["num_reconstructed"] == 4 and p["monitoring"] is True

@@ -40,6 +40,7 @@ def test_terms_are_per_example_and_sum_to_the_loss(cfg):
     pixels = 32 * 32
     torch.testing.assert_close(terms["bits_per_pixel"],
                                (terms["prior_diffusion"] + terms["prior_kl_1"]) / (pixels * torch.log(torch.tensor(2.0))))
+    torch.testing.assert_close(terms["bits_per_subpixel"], terms["bits_per_pixel"] / 3)  # RGB: ÷ H·W·C
 
 
 @pytest.mark.parametrize("term", ["prior", "decoder"])

@@ -47,13 +47,15 @@ def test_stage1_writes_models_metrics_and_registers(pipeline):
     metrics = storage.read_json(str(root / "metrics" / "stage1.json"))
     assert metrics["samples"] == 64 and metrics["steps"] == 4
     assert metrics["bits_per_pixel"] > 0 and 0 < metrics["psnr"] < 60
+    assert metrics["bits_per_subpixel"] == pytest.approx(metrics["bits_per_pixel"] / 3)
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     client = MlflowClient()
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.tags["stage"] == "stage1" and run.data.params["stage1.loss_factor"] == str(cfg.stage1.loss_factor)
     history = client.get_metric_history(run.info.run_id, "prior_diffusion")
     assert [m.step for m in history] == [16, 32, 48, 64]
-    assert {"decoder", "prior_kl_1", "ema_psnr", "final_bits_per_pixel"} <= set(run.data.metrics)
+    assert {"decoder", "prior_kl_1", "ema_psnr", "final_bits_per_pixel", "final_bits_per_subpixel",
+            "bits_per_subpixel"} <= set(run.data.metrics)
     for name in ("encoder", "decoder", "prior"):
         version = client.get_model_version_by_alias(f"ul-{name}", cfg.tracking.alias)
         assert version.run_id == run.info.run_id
@@ -108,6 +110,7 @@ def test_stage2_writes_model_and_base_bitrate(pipeline):
     assert (root / "models" / "stage2" / "base.safetensors").exists()
     metrics = storage.read_json(str(root / "metrics" / "stage2.json"))
     assert metrics["bits_per_pixel_base"] > 0 and metrics["samples"] == 64
+    assert metrics["bits_per_subpixel_base"] == pytest.approx(metrics["bits_per_pixel_base"] / 3)
 
 
 def test_sampling_is_deterministic_per_seed_whatever_the_batch(pipeline, tmp_path, monkeypatch):

@@ -6,6 +6,13 @@ Layout (local folder or s3:// prefix):
     val/<wnid>/<name>.JPEG           or flat val/<name>.JPEG labelled by
     LOC_val_solution.csv             ImageId,PredictionString ("n01751748 x0 y0 x1 y1 ...": first token = wnid)
 
+Listing (ulcore.data.listing): hidden files (`.DS_Store`, `._*`, `__MACOSX/`, `Thumbs.db`) are ignored; files in a
+folder inside a class folder, with an extension other than .jpeg/.jpg/.png/.webp/.bmp (any case), broken links
+and the like are rejected with their reason. A sample's key is its file name without the extension through
+`safe_key` (`n01440764_10026.JPEG` -> `n01440764_10026`); two files with the same key (`a.JPEG` and `a.jpeg`,
+`a b.png` and `a_b.png`, or one name in two class folders) keep the first in URI order, the later ones are
+rejected as `duplicate_key` naming it.
+
 Real ImageNet holds CMYK and greyscale JPEGs and a PNG named .JPEG; all decode through PIL (which sniffs the
 format, not the extension) and become RGB. Resizing is ADM's centre crop (guided-diffusion `center_crop_arr`):
 halve with a box filter while the short side is >= 2x the target (cheap, alias-free), one bicubic resize of the
@@ -23,14 +30,18 @@ import numpy as np
 from PIL import Image
 
 from ulcore import storage
+from ulcore.data import listing
 from ulcore.data.shards import Item, SampleError, safe_key
 
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 VAL_SOLUTION = "LOC_val_solution.csv"
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp", ".bmp")  # PIL sniffs the real format from the bytes
+LAYOUT = "{split}/<wnid>/<image> or a flat {split}/<image>"
 
 
 def read_classes(root: str, train_split: str = "train") -> list[tuple[str, str]]:
-    """[(wnid, name)] in class-index order: the synset mapping when present, else the sorted train folders."""
+    """[(wnid, name)] in class-index order: the synset mapping when present, else the sorted train folders that
+    hold images."""
     mapping = storage.join(root, SYNSET_MAPPING)
     if storage.exists(mapping):
         classes = []
@@ -43,16 +54,11 @@ def read_classes(root: str, train_split: str = "train") -> list[tuple[str, str]]
             classes.append((wnid, name.strip() or wnid))
         return classes
     base = storage.join(root, train_split)
-    wnids = sorted({_relative(u, base).split("/")[0] for u in storage.list_uris(base) if "/" in _relative(u, base)})
+    images, _, _ = listing.scan(base, IMAGE_EXTENSIONS, max_depth=2)
+    wnids = sorted({rel.split("/")[0] for rel in (listing.relative(u, base) for u in images) if "/" in rel})
     if not wnids:
         raise ValueError(f"{root}: neither {SYNSET_MAPPING} nor class folders under {train_split}/ to define classes")
     return [(w, w) for w in wnids]
-
-
-def _relative(uri: str, base: str) -> str:
-    if storage.is_s3(base) or uri.startswith(base + os.sep):  # listings return base + rest: slice, no relpath
-        return uri[len(base):].lstrip("/" + os.sep).replace(os.sep, "/")
-    return os.path.relpath(uri, base).replace(os.sep, "/")
 
 
 def _val_solution(root: str) -> dict[str, str]:
@@ -67,21 +73,27 @@ def _val_solution(root: str) -> dict[str, str]:
 
 
 def list_split(root: str, split: str, classes: list[tuple[str, str]], max_per_class: int = 0
-               ) -> tuple[list[Item], list[dict]]:
-    """Sorted items of one split and the inputs rejected while listing (unknown class, no label, duplicates)."""
+               ) -> listing.Listing:
+    """Items of one split sorted by URI, and what listing rejected (see ulcore.data.listing; here also unknown
+    class, no label, duplicate key, labelled but absent) or ignored.
+
+    A key is `safe_key` of the file name without its extension; when two files give the same key, the first in
+    URI order keeps it and each later one is rejected as `duplicate_key`, naming the first.
+    """
     index = {wnid: i for i, (wnid, _) in enumerate(classes)}
     base = storage.join(root, split)
-    uris = storage.list_uris(base)
-    if not uris:
-        raise ValueError(f"{base}: no files for split {split!r} (expected {split}/<wnid>/*.JPEG or a flat {split}/)")
+    uris, rejects, ignored = listing.scan(base, IMAGE_EXTENSIONS, max_depth=2, layout=LAYOUT.format(split=split))
+    if not uris and not rejects:
+        raise ValueError(f"{base}: no files for split {split!r} (expected {LAYOUT.format(split=split)}"
+                         f"{f'; {ignored} hidden files ignored' if ignored else ''})")
     solution: dict[str, str] | None = None
     items: list[Item] = []
-    rejects: list[dict] = []
-    seen: set[str] = set()
+    owner: dict[str, str] = {}  # key -> the URI that took it
     per_class: dict[int, int] = {}
+    capped = 0
     for uri in uris:
-        rel = _relative(uri, base)
-        stem = os.path.basename(rel).split(".")[0]
+        rel = listing.relative(uri, base)
+        stem = os.path.splitext(rel.split("/")[-1])[0]
         if "/" in rel:
             wnid = rel.split("/")[0]
         else:  # flat val layout: labels come from the solution file
@@ -95,21 +107,23 @@ def list_split(root: str, split: str, classes: list[tuple[str, str]], max_per_cl
             rejects.append({"path": uri, "reason": "unknown_class", "detail": f"{wnid} not in {SYNSET_MAPPING}"})
             continue
         key = safe_key(stem)
-        if key in seen:
-            rejects.append({"path": uri, "reason": "duplicate_key", "detail": f"another file already gave key {key}"})
+        if key in owner:
+            rejects.append({"path": uri, "reason": "duplicate_key",
+                            "detail": f"key {key} already taken by {owner[key]} (the first in URI order keeps it)"})
             continue
+        owner[key] = uri
         cls = index[wnid]
         if max_per_class and per_class.get(cls, 0) >= max_per_class:
-            continue  # a requested subset, not a defect: counted in the summary as 'capped', not rejected
+            capped += 1  # a requested subset, not a defect: counted in the summary as 'capped', not rejected
+            continue
         per_class[cls] = per_class.get(cls, 0) + 1
-        seen.add(key)
         items.append(Item(key, uri, cls, (("source", f"{split}/{rel}"), ("synset", wnid))))
     if solution:  # labelled files that are not there: real downloads lose some
-        present = {os.path.basename(u).split(".")[0] for u in uris}
+        present = {os.path.splitext(os.path.basename(u))[0] for u in uris}
         for image_id in sorted(set(solution) - present):
             rejects.append({"path": storage.join(base, image_id + ".JPEG"), "reason": "missing",
                             "detail": f"listed in {VAL_SOLUTION}, file absent"})
-    return items, rejects
+    return listing.Listing(items, rejects, ignored, capped)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -181,5 +195,5 @@ def make_sample(item: Item, *, resolution: int, image_format: str) -> dict:
     return {"__key__": item.key, ext: payload, "cls": item.cls, "json": {**item.info(), **original}}
 
 
-__all__ = ["SYNSET_MAPPING", "VAL_SOLUTION", "read_classes", "list_split", "to_rgb", "center_crop",
+__all__ = ["SYNSET_MAPPING", "VAL_SOLUTION", "IMAGE_EXTENSIONS", "read_classes", "list_split", "to_rgb", "center_crop",
            "decode_image", "encode_image", "make_sample"]

@@ -2,15 +2,20 @@
 
 Layout (local folder or s3:// prefix), names configurable because releases differ (`val` vs `validate`):
     annotations/<video.annotations[split]>         CSV: label,youtube_id,time_start,time_end,split
-    videos/<video.video_dirs[split]>/<youtube_id>_<start:06d>_<end:06d>.<mp4|webm|mkv|...>
+    videos/<video.video_dirs[split]>/[<any folders>/]<youtube_id>_<start:06d>_<end:06d>.<mp4|webm|mkv|mov|avi>
 
 Class index = position in the sorted set of labels over every configured annotation file, so train and val agree
-whichever splits one run shards. Real downloads miss many listed clips; those are rejected as `missing` at
-listing time, never silently dropped. The `video.frames` frames are cut from the centre of the annotated
-segment (`video.clip_position: centre`; Kinetics clips are the 10 s around the labelled action, so the centre is
-where it is most likely to be), located from the annotation's own time_end - time_start without probing the file;
-a file shorter than its annotation says falls back to a cut from its start, and only a file too short for even
-that is rejected (`too_short`). `clip_position: start` always cuts from the first frame.
+whichever splits one run shards. Listing accounts for every file and every row: hidden files are ignored and
+stray ones rejected (ulcore.data.listing); real downloads miss many listed clips, rejected as `missing`; a file no
+row names is rejected as `unannotated` (a `.part` left by a downloader as `unknown_extension`). Rows are taken in
+sorted clip-name order, so when two names give one key (`safe_key`) the first keeps it and the later one is
+rejected as `duplicate_key` naming it; a clip present in two containers keeps the preferred one.
+
+The `video.frames` frames are cut from the centre of the annotated segment (`video.clip_position: centre`;
+Kinetics clips are the 10 s around the labelled action, so the centre is where it is most likely to be), located
+from the annotation's own time_end - time_start without probing the file; a file shorter than its annotation says
+falls back to a cut from its start, and only a file too short for even that is rejected (`too_short`).
+`clip_position: start` always cuts from the first frame.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import numpy as np
 
 from ulcore import storage
 from ulcore.config import Config
+from ulcore.data import listing
 from ulcore.data.shards import Item, SampleError, safe_key
 from ulcore.data.video import decode_clip, encode_mp4
 
 COLUMNS = ("label", "youtube_id", "time_start", "time_end")
-EXT_PREFERENCE = (".mp4", ".webm", ".mkv")  # when a clip exists in several containers, take the first
+EXT_PREFERENCE = (".mp4", ".webm", ".mkv", ".mov", ".avi")  # clip files (any case); a clip in several: the first
 
 
 def annotation_uri(root: str, cfg: Config, split: str) -> str:
@@ -67,57 +73,73 @@ def clip_stem(youtube_id: str, start: str, end: str) -> str:
     return f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"
 
 
-def list_split(root: str, cfg: Config, split: str, classes: list[str]) -> tuple[list[Item], list[dict]]:
-    """Items sorted by key and the rows rejected while listing (no label, unknown label, missing clip, bad row)."""
+def list_split(root: str, cfg: Config, split: str, classes: list[str]) -> listing.Listing:
+    """Items sorted by key, and what listing rejected or ignored (see the module docstring and
+    ulcore.data.listing): every file below the split's video folder and every annotation row is accounted for."""
     ann = annotation_uri(root, cfg, split)
     if split not in cfg.video.video_dirs:
         raise ValueError(f"video.video_dirs has no entry for split {split!r} (have: {sorted(cfg.video.video_dirs)})")
     folder = storage.join(root, "videos", cfg.video.video_dirs[split])
-    on_disk: dict[str, str] = {}
+    uris, rejects, ignored = listing.scan(folder, EXT_PREFERENCE)
     rank = {ext: i for i, ext in enumerate(EXT_PREFERENCE)}
-    for uri in storage.list_uris(folder):
-        stem, ext = os.path.splitext(os.path.basename(uri))
-        best = on_disk.get(stem)
-        if best is None or rank.get(ext.lower(), 99) < rank.get(os.path.splitext(best)[1].lower(), 99):
+    on_disk: dict[str, str] = {}
+    for uri in sorted(uris, key=lambda u: (rank[os.path.splitext(u)[1].lower()], u)):
+        stem = os.path.splitext(os.path.basename(uri))[0]
+        if stem in on_disk:
+            rejects.append({"path": uri, "reason": "duplicate_key", "detail": f"same clip as {on_disk[stem]}, kept "
+                            f"(containers in the order {' '.join(EXT_PREFERENCE)}, then URI order)"})
+        else:
             on_disk[stem] = uri
-    index = {label: i for i, label in enumerate(classes)}
-    items: dict[str, Item] = {}
-    rejects: list[dict] = []
-    per_class: dict[int, int] = {}
+    rows = []
     for number, row in enumerate(read_rows(ann), 2):  # line 1 is the header
         where = f"{ann}:{number}"
         try:
-            stem = clip_stem(row["youtube_id"].strip(), row["time_start"], row["time_end"])
+            rows.append((clip_stem(row["youtube_id"].strip(), row["time_start"], row["time_end"]), where, row))
         except (ValueError, TypeError, AttributeError):
             rejects.append({"path": where, "reason": "bad_row", "detail": f"unreadable times in {row}"})
+    rows.sort(key=lambda r: r[0])  # stable: a repeated clip keeps its first row; the first name wins a key
+    index = {label: i for i, label in enumerate(classes)}
+    items: dict[str, Item] = {}
+    claimed: set[str] = set()  # clip names a row has accounted for
+    for stem, where, row in rows:
+        if stem in claimed:
+            rejects.append({"path": where, "reason": "duplicate_key", "detail": f"row repeats {stem}"})
             continue
+        claimed.add(stem)
+        if stem not in on_disk:  # a row, not a file: the expected path names what is absent
+            rejects.append({"path": storage.join(folder, stem + ".mp4"), "reason": "missing",
+                            "detail": f"{where}: no usable {stem}.* in {folder}"})
+            continue
+        path = on_disk[stem]
         label = (row["label"] or "").strip()
-        expected = storage.join(folder, stem + ".mp4")
         if not label:
-            rejects.append({"path": expected, "reason": "unlabelled", "detail": f"{where}: empty label"})
+            rejects.append({"path": path, "reason": "unlabelled", "detail": f"{where}: empty label"})
             continue
         if label not in index:
-            rejects.append({"path": expected, "reason": "unknown_class", "detail": f"{where}: label {label!r}"})
+            rejects.append({"path": path, "reason": "unknown_class", "detail": f"{where}: label {label!r}"})
             continue
         key = safe_key(stem)
         if key in items:
-            rejects.append({"path": expected, "reason": "duplicate_key", "detail": f"{where}: row repeats {stem}"})
+            rejects.append({"path": path, "reason": "duplicate_key",
+                            "detail": f"{where}: key {key} already taken by {items[key].uri}"})
             continue
-        if stem not in on_disk:
-            rejects.append({"path": expected, "reason": "missing", "detail": f"{where}: no {stem}.* in {folder}"})
-            continue
-        meta = (("source", on_disk[stem][len(root):].lstrip("/")), ("label", label),
+        meta = (("source", path[len(root):].lstrip("/")), ("label", label),
                 ("youtube_id", row["youtube_id"].strip()), ("time_start", int(float(row["time_start"]))),
                 ("time_end", int(float(row["time_end"]))))
-        items[key] = Item(key, on_disk[stem], index[label], meta)
+        items[key] = Item(key, path, index[label], meta)
+    for stem in sorted(set(on_disk) - claimed):
+        rejects.append({"path": on_disk[stem], "reason": "unannotated", "detail": f"no row of {ann} names {stem}"})
     kept = []
+    per_class: dict[int, int] = {}
+    capped = 0
     for key in sorted(items):
         cls = items[key].cls
         if cfg.data.max_per_class and per_class.get(cls, 0) >= cfg.data.max_per_class:
+            capped += 1
             continue
         per_class[cls] = per_class.get(cls, 0) + 1
         kept.append(items[key])
-    return kept, rejects
+    return listing.Listing(kept, rejects, ignored, capped)
 
 
 def clip_start(item: Item, cfg: Config) -> float:

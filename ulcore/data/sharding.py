@@ -26,6 +26,7 @@ from typing import Any
 from ulcore import storage
 from ulcore.config import Config, add_config_args, config_or_exit
 from ulcore.data import embedded, imagenet, kinetics
+from ulcore.data.listing import Listing
 from ulcore.data.shards import (SHARD_PATTERN, Item, SampleError, finished_shards, read_stats, shard_name,
                                 stats_uri, write_shard)
 
@@ -54,8 +55,8 @@ def shards_root(cfg: Config) -> str:
     return storage.join(cfg.storage.root, "data", "shards")
 
 
-def list_source(cfg: Config, root: str) -> tuple[list[dict], dict[str, tuple[list[Item], list[dict]]]]:
-    """Class table and, per split, the sorted items plus the inputs rejected while listing."""
+def list_source(cfg: Config, root: str) -> tuple[list[dict], dict[str, Listing]]:
+    """Class table and, per split, the sorted items plus the inputs rejected or ignored while listing."""
     splits = {}
     if cfg.data.source in IMAGE_SOURCES:
         table = imagenet.read_classes(root, cfg.data.splits[0])
@@ -162,24 +163,26 @@ def _remove_stale(files: list[str], split: str, keep: int) -> list[str]:
     return removed
 
 
-def summarise(cfg: Config, root: str, classes: list[dict], listing: dict[str, tuple[list[Item], list[dict]]],
+def summarise(cfg: Config, root: str, classes: list[dict], listing: dict[str, Listing],
               stats: dict[str, list[dict]]) -> dict[str, Any]:
+    """Per split: samples written, inputs rejected (by reason; every one listed under `rejected`), hidden files
+    ignored and good inputs capped by data.max_per_class."""
     summary: dict[str, Any] = {"source": cfg.data.source, "raw_root": root, "shards_root": shards_root(cfg),
                                "sample_params": sample_params(cfg), "classes": classes, "splits": {},
                                "rejected": []}
-    for split, (items, listing_rejects) in listing.items():
+    for split, listed in listing.items():
         per_class: Counter[str] = Counter()
-        reasons: Counter[str] = Counter(r["reason"] for r in listing_rejects)
+        reasons: Counter[str] = Counter(r["reason"] for r in listed.rejects)
         samples = 0
         for s in stats[split]:
             samples += s["samples"]
             per_class.update({k: int(v) for k, v in s["classes"].items()})
             reasons.update(s.get("rejected_by_reason", {}))
-        rejected = listing_rejects + [r for s in stats[split] for r in s.get("rejects", [])]
+        rejected = listed.rejects + [r for s in stats[split] for r in s.get("rejects", [])]
         summary["rejected"] += [{"split": split, **r} for r in rejected]
         summary["splits"][split] = {
-            "shards": len(stats[split]), "listed": len(items), "samples": samples, "rejected": len(rejected),
-            "rejected_by_reason": dict(sorted(reasons.items())),
+            "shards": len(stats[split]), "listed": len(listed.items), "samples": samples, "rejected": len(rejected),
+            "rejected_by_reason": dict(sorted(reasons.items())), "ignored": listed.ignored, "capped": listed.capped,
             "per_class": {str(c["index"]): per_class.get(str(c["index"]), 0) for c in classes},
         }
     return summary
@@ -197,8 +200,8 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     classes, listing = list_source(cfg, root)
     stats: dict[str, list[dict]] = {}
     pending: list[ShardJob] = []
-    for split, (items, _) in listing.items():
-        jobs = plan_jobs(cfg, split, items)
+    for split, listed in listing.items():
+        jobs = plan_jobs(cfg, split, listed.items)
         files = storage.list_uris(storage.join(shards_root(cfg), split))  # one listing: done shards and stale ones
         finished = set(finished_shards(files, split))
         stats[split] = []
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_shard(cfg)
     for split, s in summary["splits"].items():
         print(f"{split}: {s['samples']} samples in {s['shards']} shards, {s['rejected']} rejected "
-              f"{s['rejected_by_reason']}")
+              f"{s['rejected_by_reason']}, {s['ignored']} hidden files ignored")
 
 
 if __name__ == "__main__":

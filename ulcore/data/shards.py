@@ -19,6 +19,7 @@ import re
 import tarfile
 import tempfile
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,8 +68,11 @@ def stats_uri(shard_uri: str) -> str:
 
 
 def safe_key(text: str) -> str:
-    """A webdataset key from a source name: dots (extension separators) and odd characters become `_`."""
-    key = re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+    """A webdataset key from a source name, the same on every machine: dots (extension separators) and other odd
+    ASCII characters become `_`; the name is NFC-normalised (macOS stores `é` decomposed, Linux as written) and
+    each non-ASCII character becomes `_u<hex code point>`, so `café` -> `caf_u00e9` and `cafè` stays distinct."""
+    text = unicodedata.normalize("NFC", text)
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", "".join(c if c.isascii() else f"_u{ord(c):04x}" for c in text))
     if not key:
         raise ValueError(f"{text!r}: nothing left to use as a sample key")
     return key

@@ -112,3 +112,8 @@ def sigmoid_weighted_loss(
 def bits_per_pixel(nats: Tensor, pixels: int) -> Tensor:
     """Bitrate bound R = L / ln 2 per example, divided by pixels = H·W (·T for video); not per sub-pixel."""
     return nats / (math.log(2.0) * pixels)
+
+
+def bits_per_subpixel(bits_per_pixel: Tensor | float, channels: int) -> Tensor | float:
+    """The same bound per sub-pixel, ÷ H·W·C (·T): the VDM convention. UL's tables appear to use per pixel."""
+    return bits_per_pixel / channels

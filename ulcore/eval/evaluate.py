@@ -7,9 +7,9 @@ Protocol (all from `eval.*`, logged with every number):
   images (0 = the whole split, the standard protocol; split data.splits[0], shard order), cached under
   data/fid_refs/<hash>.npz by the `reference` stage (reference.py; computed here when missing). The FID network
   file, its source and sha256 are pinned (inception.resolve_fid_weights).
-- rFID / PSNR / SSIM / bits per pixel: the first `num_samples` held-out images (data.splits[1], or the training
-  split when there is only one), reconstructed with seed eval.seed + 2 (decoder_steps, sampler); rFID compares
-  the reconstructions with those same images (their statistics cached too).
+- rFID / PSNR / SSIM / bits per pixel (÷ H·W) and per sub-pixel (÷ H·W·C): the first `num_samples` held-out
+  images (data.splits[1], or the training split when there is only one), reconstructed with seed eval.seed + 2
+  (decoder_steps, sampler); rFID compares the reconstructions with those same images (their statistics cached too).
 - Video: FID on all frames; FVD on I3D features of whole clips (see fvd.py) when eval.i3d_weights is given:
   unconditional clips vs training clips, or with eval.fvd_context_frames = c > 0 the Kinetics-600 frame-prediction
   protocol (UL §5.7): held-out clip i mod N_val's first c real frames + generated rest (replacement conditioning,
@@ -44,7 +44,8 @@ from ulcore.eval.inception import extractor_on, resolve_fid_weights
 from ulcore.eval.reference import Reference, frames, splits, take
 
 MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
-METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base", "fvd")
+METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
+               "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd")
 RECON_SEED_OFFSET = 2  # generate() uses seed and seed + 1; reconstructions use seed + 2 and seed + 3
 BITS_SEED_OFFSET = 4
 
@@ -99,6 +100,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate the exported models; writes metrics/eval.json, plots/, outputs/ and an MLflow run."""
     from ulcore import tracking
     from ulcore.data.loaders import eval_batches, shard_uris, to_float, to_uint8
+    from ulcore.diffusion.losses import bits_per_subpixel
     from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
     from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
     from ulcore.train.precision import compute_device
@@ -232,6 +234,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     result: dict[str, Any] = {
         "gfid": gfid, "rfid": rfid, "psnr": mean(psnrs), "ssim": mean(ssims),
         "bits_per_pixel_prior": mean(bpp_prior), "bits_per_pixel_base": mean(bpp_base),
+        "bits_per_subpixel_prior": mean([bits_per_subpixel(b, cfg.model.in_channels) for b in bpp_prior]),
+        "bits_per_subpixel_base": mean([bits_per_subpixel(b, cfg.model.in_channels) for b in bpp_base]),
         "fvd": fvd_value, "fvd_unavailable_reason": fvd_reason if fvd_value is None else None,
         "rfvd": fid_from_stats(i3d_real.stats(), i3d_rec.stats()) if i3d is not None and n_val >= 2 else None,
     }
@@ -248,6 +252,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         **weights.protocol(), "ssim": "torchmetrics gaussian 11x11 sigma 1.5",
         "psnr": "per image on [0,255] after clipping, mean over images",
         "bits_per_pixel": "ELBO bound / (ln 2 * H * W * frames), 4 stratified draws per image",
+        "bits_per_subpixel": f"bits_per_pixel / {cfg.model.in_channels} channels (the VDM convention)",
         "reference_samples": e.reference_samples, "gfid_reference": train_ref.info, "rfid_reference": val_ref.info,
         "monitoring": monitoring,
         "monitoring_note": (f"monitoring FID: N = {n} < {MONITORING_BELOW}; biased upwards, not comparable to "

@@ -16,7 +16,8 @@ from ulcore import storage, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
 from ulcore.diffusion import sampling
-from ulcore.diffusion.losses import bits_per_pixel, diffusion_elbo, encode_noise, sigmoid_weighted_loss
+from ulcore.diffusion.losses import (bits_per_pixel, bits_per_subpixel, diffusion_elbo, encode_noise,
+                                     sigmoid_weighted_loss)
 from ulcore.diffusion.sampling import decoder_fn
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule, stratified_times
 from ulcore.nets import build_decoder, build_encoder, build_prior, set_activation_checkpointing
@@ -42,7 +43,7 @@ class Stage1Objective(nn.Module):
         self.latent_schedule, self.decoder_schedule = latent_schedule(m), decoder_schedule(m)
         self.logsnr_0 = m.logsnr_0
         self.loss_factor, self.decoder_bias = cfg.stage1.loss_factor, cfg.stage1.decoder_bias
-        self.pixels = pixels_per_example(cfg)
+        self.pixels, self.channels = pixels_per_example(cfg), m.in_channels
         self.config = cfg  # the resolved config travels with the nets (sampling reads schedules from it)
 
     def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Tensor]:
@@ -61,12 +62,14 @@ class Stage1Objective(nn.Module):
         z0 = encode_noise(z_clean, self.logsnr_0, normal(z_clean))
         decoder = sigmoid_weighted_loss(decoder_fn(self.decoder, z0), x, times(), normal(x), self.decoder_schedule,
                                         self.decoder_bias, self.loss_factor)
+        bpp = bits_per_pixel(prior.total, self.pixels)
         return {
             "loss": prior.total + decoder,
             "prior_diffusion": prior.diffusion,
             "prior_kl_1": prior.kl_1,
             "decoder": decoder,
-            "bits_per_pixel": bits_per_pixel(prior.total, self.pixels),
+            "bits_per_pixel": bpp,
+            "bits_per_subpixel": bits_per_subpixel(bpp, self.channels),
             "latent_std": z_clean.detach().float().flatten(1).std(1),
         }
 
@@ -95,7 +98,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     bpp = sampling.prior_bits_per_pixel(ema, x, seed=cfg.stage1.seed).mean().item()
     latent_std = ema.encoder(x).float().std().item()
     metrics = {"ema_psnr": float(psnr(loaders.to_uint8(rec), x_uint8).mean()), "ema_bits_per_pixel": bpp,
-               "ema_latent_std": latent_std}
+               "ema_bits_per_subpixel": bits_per_subpixel(bpp, cfg.model.in_channels), "ema_latent_std": latent_std}
     if bpp < COLLAPSE_BITS_PER_PIXEL:
         print(f"[stage1] WARNING: latent collapse (held-out {bpp:.2e} bits/pixel): raise stage1.loss_factor or "
               "stage1.decoder_bias (ul_method.md §4.5)", flush=True)
