@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast stack stack-down bench clean
+.PHONY: install demo test test-fast stack stack-down cluster cluster-down bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ stack: install
 
 stack-down:
 	bash infra/stack.sh down
+
+cluster: install
+	bash infra/cluster.sh up
+
+cluster-down:
+	bash infra/cluster.sh down
 
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -22,32 +22,9 @@ export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false DV
 export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 export PATH=$BIN:$PATH
 
-wait_http() {  # url seconds name
-  local deadline=$((SECONDS + $2))
-  until curl -fsS -o /dev/null "$1" 2>/dev/null; do
-    if [ $SECONDS -ge $deadline ]; then echo "error: $3 did not answer $1 within $2 s (log: $STACK_DIR/$3.log)" >&2; return 1; fi
-    sleep 0.5
-  done
-}
-
-start() {  # name command...  (own process group, so `down` stops its children too)
-  local name=$1; shift
-  setsid "$@" >"$STACK_DIR/$name.log" 2>&1 < /dev/null &
-  echo $! >"$STACK_DIR/$name.pid"
-}
-
-stop() {  # name signal
-  local pidfile=$STACK_DIR/$1.pid pid
-  [ -f "$pidfile" ] || return 0
-  pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -"$2" -- -"$pid" 2>/dev/null || kill -"$2" "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL -- -"$pid" 2>/dev/null || true; fi
-    echo "stopped $1 (pid $pid)"
-  fi
-  rm -f "$pidfile"
-}
+STATE_DIR=$STACK_DIR
+# shellcheck source=infra/lib.sh
+source infra/lib.sh
 
 up() {
   mkdir -p "$STACK_DIR" "$PREFECT_HOME" "$STORE/mlartifacts"

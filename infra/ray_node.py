@@ -1,0 +1,19 @@
+"""`ray start` for a Ray node whose every socket listens on 127.0.0.1, for clusters of several nodes on one machine.
+
+Ray 2.60 binds its servers to loopback only when a node's IP is exactly 127.0.0.1, but it rewrites an address of
+127.0.0.1 to the host's interface address (`services.resolve_ip_for_localhost`) unless
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 — and with that set, `ray start` refuses to add a worker node. So worker nodes
+start through this wrapper, which keeps 127.0.0.1 as given and otherwise runs Ray's own `ray start` unchanged.
+Used by infra/cluster.sh; a real cluster's nodes use plain `ray start` with their own addresses.
+"""
+
+import sys
+
+import ray._private.services as services
+from ray.scripts.scripts import main
+
+services.resolve_ip_for_localhost = lambda host: host
+
+if __name__ == "__main__":
+    sys.argv = ["ray", *sys.argv[1:]]
+    main()
