@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -226,20 +227,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> int | float | None:
+    """A finite number however it was written, or None. YAML 1.1 (PyYAML) reads `2e-4`, `1E-3` and `1.0e4` as
+    strings (its floats need a dot and a signed exponent), so strings go through Python's own number syntax, which
+    also takes `1_000`, `.5` and `3.0e+2`."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return None
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check one value against its field's type; ints become floats where a float is asked for."""
+    """Check one value against its field's type; numbers become the field's type (`1e4` fills an int field)."""
     origin = typing.get_origin(annotation)
     if annotation is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} = {value!r}: expected true or false")
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
         raise ConfigError(f"{key} = {value!r}: expected an integer")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number(value)
+        if number is not None:
+            return float(number)
         raise ConfigError(f"{key} = {value!r}: expected a number")
     if annotation is str:
         if isinstance(value, str):
