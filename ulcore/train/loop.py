@@ -261,12 +261,13 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
 
 
 def input_digest(uri: str, what: str) -> str:
-    """Content hash of a stage's input manifest; a clear error when the upstream stage has not run."""
-    import hashlib
+    """Content hash of a stage's input manifest (without its run statistics: shards.content_digest); a clear
+    error when the upstream stage has not run."""
+    from ulcore.data.shards import content_digest
 
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: run the {what} stage first (python -m flows.{what})")
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+    return content_digest(storage.read_json(uri))
 
 
 def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
