@@ -19,13 +19,14 @@ from typing import Any
 
 import yaml
 
+from ulcore.errors import NonRetryableError
 from ulcore.presets import PRESETS
 
 LOGSNR_LIMIT = 20.0  # every log-SNR schedule lives inside [-20, 20] (σ² ≥ 2e-9 keeps fp32 finite)
 
 
-class ConfigError(ValueError):
-    """A params problem: the message names the key, the value and what is allowed."""
+class ConfigError(NonRetryableError, ValueError):
+    """A params problem: the message names the key, the value and what is allowed (a retry cannot fix it)."""
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 A stage is a `StageSpec` (what to build, which data, how to monitor and export); everything else — AdamW with
 warm-up, gradient clipping, EMA, the NaN/Inf guard, progress in samples seen, checkpoints and resume — lives here
-once. Resume is rerunning the same command: Ray restores in-run worker failures (FailureConfig), and a fresh
-driver finds the latest checkpoint whose config digest matches (checkpoint.latest_checkpoint).
+once. Resume is rerunning the same command: a fresh driver finds the latest intact checkpoint whose config digest
+matches (checkpoint.latest_checkpoint). The driver also retries an attempt that lost a worker or a node, up to
+`ray.max_failures` times, from that same checkpoint; an error a retry cannot fix (ulcore.errors: divergence, bad
+params, corrupt checkpoint or data) ends the run at once with its own message. Ray's FailureConfig cannot tell
+the two apart (it retries every worker error), so Ray itself is told never to retry.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from ulcore import storage, tracking
 from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
+from ulcore.errors import first_non_retryable
 from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.ema import EMA
 from ulcore.train.precision import autocast, resolve_precision
@@ -119,12 +123,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step * t.batch_size, t))
     progress = Progress(samples=0, step=0)
 
-    checkpoint = ray.train.get_checkpoint()
-    resume_uri = loop_config.get("resume_from")
-    if checkpoint is not None or resume_uri:
+    resume_uri = loop_config.get("resume_from")  # the driver's pick, checked intact (not Ray's newest, unchecked)
+    if resume_uri:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(checkpoint.to_directory(tmp)) if checkpoint is not None else materialize(resume_uri, Path(tmp))
-            state = load_state(folder)
+            state = load_state(materialize(resume_uri, Path(tmp)))
         objective.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -233,27 +235,41 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     ckpt_root = storage.join(cfg.storage.root, "checkpoints")
     run_name = f"{spec.name}-{digest}"
     storage_path = ckpt_root if storage.is_s3(ckpt_root) else str(Path(ckpt_root).resolve())
-    resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
     local = Path(tempfile.mkdtemp(prefix=f"ul-{spec.name}-final-"))
-    if resume_from:
-        done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
-        print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}", flush=True)
-        if done:
-            return FitResult(materialize(resume_from, local), {})
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest, "resume_from": resume_from,
-                           "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(cfg),
-                           "driver_cwd": str(Path.cwd())},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
-    )
-    result = trainer.fit()
+    for attempt in range(cfg.ray.max_failures + 1):
+        resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
+        if resume_from:
+            done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
+            print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}",
+                  flush=True)
+            if done:
+                return FitResult(materialize(resume_from, local), {})
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest,
+                               "resume_from": resume_from, "mlflow_run_id": run_id,
+                               "tracking_uri": tracking.tracking_uri(cfg), "driver_cwd": str(Path.cwd())},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage_path, failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except ray.train.TrainingFailedError as exc:
+            errors = list(getattr(exc, "worker_failures", {}).values())
+            fatal = first_non_retryable(errors)
+            if fatal is not None:
+                raise fatal from None  # the worker's own error and message (its traceback is in the log above)
+            if attempt == cfg.ray.max_failures:
+                raise
+            cause = "; ".join(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+                              for e in errors) or str(exc)
+            print(f"[{spec.name}] attempt {attempt + 1} failed ({cause}): retrying from the latest checkpoint "
+                  f"({attempt + 1}/{cfg.ray.max_failures} retries used)", flush=True)
     if result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: training finished without a checkpoint under {storage_path}/{run_name}")
     return FitResult(Path(result.checkpoint.to_directory(str(local))), dict(result.metrics or {}))
