@@ -39,6 +39,8 @@ class DataConfig:
     embedded_train_per_class: int = 300  # embedded default: Fashion-MNIST images per class (train)
     embedded_val_per_class: int = 50  # embedded default: images per class (val)
     random_flip: bool = True  # horizontal flip when training on images
+    max_bad_shards: int = 0  # unreadable shards a training reader skips (counted, reported) before failing the stage
+    max_bad_samples: int = 0  # undecodable samples a training reader skips (counted, reported) before failing
 
 
 @dataclass(frozen=True)
@@ -417,7 +419,8 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.data.splits) >= 1, "data.splits", list(cfg.data.splits), "must name at least one split")
     if cfg.data.source in ("imagenet", "kinetics"):
         _check(cfg.data.root != "", "data.root", cfg.data.root, f"data.source = {cfg.data.source} needs the raw data's root")
-    for key in ("max_per_class", "embedded_train_per_class", "embedded_val_per_class"):
+    for key in ("max_per_class", "embedded_train_per_class", "embedded_val_per_class", "max_bad_shards",
+                "max_bad_samples"):
         _check(getattr(cfg.data, key) >= 0, f"data.{key}", getattr(cfg.data, key), "must be >= 0")
     _check(cfg.shard.samples_per_shard >= 1, "shard.samples_per_shard", cfg.shard.samples_per_shard, "must be >= 1")
     _check(cfg.shard.max_parallel >= 1, "shard.max_parallel", cfg.shard.max_parallel, "must be >= 1")

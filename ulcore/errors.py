@@ -13,6 +13,10 @@ class CorruptCheckpointError(NonRetryableError):
     """A checkpoint whose files do not load or do not match their recorded size and sha256; names the path."""
 
 
+class CorruptDataError(NonRetryableError):
+    """More unreadable shards or samples than `data.max_bad_shards` / `data.max_bad_samples`; names the files."""
+
+
 # FloatingPointError: the loop's divergence stop (consecutive non-finite losses) and numpy's errstate raises.
 NON_RETRYABLE = (NonRetryableError, FloatingPointError)
 
@@ -22,4 +26,4 @@ def first_non_retryable(errors: list[BaseException]) -> BaseException | None:
     return next((e for e in errors if isinstance(e, NON_RETRYABLE)), None)
 
 
-__all__ = ["NonRetryableError", "CorruptCheckpointError", "NON_RETRYABLE", "first_non_retryable"]
+__all__ = ["NonRetryableError", "CorruptCheckpointError", "CorruptDataError", "NON_RETRYABLE", "first_non_retryable"]

@@ -1,8 +1,9 @@
-"""Faults during training end in a clear answer: an error a retry cannot fix (divergence) ends the run after one
-attempt with its own message; a lost worker (a real kill) is retried from the latest checkpoint."""
+"""Faults during training end in a clear answer: an error a retry cannot fix (divergence, unreadable data) ends the
+run after one attempt with its own message; a lost worker (a real kill) is retried from the latest checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.train.smoke import SMOKE
@@ -59,6 +61,25 @@ def test_divergence_ends_the_run_after_one_attempt(shards, tmp_path):
     assert len(set(re.findall(r"pid=(\d+)\)\S* \[stage1\] non-finite loss at step", out))) == 1, out[-5000:]
     assert "retrying from the latest checkpoint" not in out
     print(f"divergence answered in {time.monotonic() - start:.0f} s")
+
+
+def test_an_unreadable_shard_fails_training_at_once_naming_it_or_is_counted_when_allowed(shards, tmp_path):
+    root = _fresh_copy(shards, tmp_path)
+    bad = sorted((root / "data" / "shards" / "train").glob("train-*.tar"))[1]
+    bad.write_bytes(np.random.default_rng(0).bytes(bad.stat().st_size))  # garbage; its stats still count it
+    out, _ = _stage1(root).communicate(timeout=600)
+    assert f"CorruptDataError: {bad}: unreadable shard (ReadError: invalid header); 1 unreadable shard(s) > " \
+           "data.max_bad_shards = 0" in out, out[-5000:]
+    assert "retrying from the latest checkpoint" not in out and not (root / "metrics" / "stage1.json").exists()
+
+    out, _ = _stage1(root, "data.max_bad_shards=1").communicate(timeout=600)
+    assert "bad_shards=1" in out, out[-5000:]  # the status line
+    metrics = json.loads((root / "metrics" / "stage1.json").read_text())
+    assert metrics["bad_shards"] == 1 and metrics["bad_samples"] == 0
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(metrics["mlflow_run_id"])
+    assert run.data.metrics["final_bad_shards"] == 1 and run.data.metrics["bad_shards"] == 1
 
 
 def _ray_train_workers(session: int) -> list[int]:

@@ -54,8 +54,9 @@ def stage_spec(name: str) -> StageSpec:
 
 
 # Keys that change how a step is computed, not what it computes: switching activation checkpointing on after an
-# out-of-memory error must resume the run, not start a new one.
-EXECUTION_ONLY_KEYS = ("activation_checkpointing",)
+# out-of-memory error, or allowing an unreadable shard after CorruptDataError, must resume the run, not start anew.
+EXECUTION_ONLY_KEYS = ("activation_checkpointing", "max_bad_shards", "max_bad_samples")
+DATA_ERROR_KEYS = ("bad_shards", "bad_samples")  # what the readers skipped (loaders.ReadErrors), summed over ranks
 
 
 def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
@@ -92,12 +93,22 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
     return bool(flag.item() == 1.0)
 
 
+def _data_errors(batch: Batch, world: int, device: torch.device) -> dict[str, int]:
+    """The readers' skipped shards and samples so far, summed over ranks (every rank calls this at the same step)."""
+    counts = torch.tensor([float(batch.get(k, 0)) for k in DATA_ERROR_KEYS], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+    return {k: int(v) for k, v in zip(DATA_ERROR_KEYS, counts.tolist(), strict=True)}
+
+
 def _status(stage: str, samples: int, total: int, metrics: dict[str, float], rate: float) -> str:
     """One status line with a progress bar, printed by rank 0 and forwarded to the driver by Ray."""
     frac = samples / total
     bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
     eta = (total - samples) / rate if rate > 0 else float("nan")
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "bits_per_pixel", "ema_psnr", "ema_bits_per_pixel"))
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                     if k in ("loss", "bits_per_pixel", "ema_psnr", "ema_bits_per_pixel")
+                     or (k in DATA_ERROR_KEYS and v))
     return f"[{stage}] [{bar}] {samples}/{total} samples {rate:.0f}/s eta {eta:.0f}s {shown}"
 
 
@@ -179,7 +190,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         rate = count * t.batch_size / max(time.perf_counter() - tic, 1e-9)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics.update(samples=progress.samples, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
-                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       **_data_errors(batch, world, loss.device))
         if at_ckpt and rank == 0:
             metrics.update(spec.monitor(cfg, ema.module, progress.samples, run_id, uri))
         if rank == 0:
@@ -302,7 +314,8 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:
         started = time.perf_counter()
-        state = load_state(fit(cfg, spec, digest=digest, run_id=run_id).state_dir)
+        fitted = fit(cfg, spec, digest=digest, run_id=run_id)
+        state = load_state(fitted.state_dir)
         ema = spec.build(cfg)
         ema.load_state_dict(state["ema"])
         ema.eval()
@@ -310,7 +323,8 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         metrics = {k.removeprefix("ema_"): v for k, v in
                    spec.monitor(cfg, ema, int(state["samples"]), run_id, tracking.tracking_uri(cfg)).items()}
         metrics.update(samples=int(state["samples"]), steps=int(state["step"]),
-                       wall_seconds=time.perf_counter() - started)
+                       wall_seconds=time.perf_counter() - started,
+                       **{k: int(fitted.metrics.get(k, 0)) for k in DATA_ERROR_KEYS})
         tracking.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()}, step=int(state["samples"]))
         files = export_modules(export(cfg, ema), cfg, out)
         versions = {name: tracking.register_model(run_id, f"{cfg.tracking.model_prefix}-{name}",
