@@ -56,6 +56,42 @@ def test_invalid_values_name_the_key(override, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("written,value", [
+    ("2e-4", 2e-4), ("1E-3", 1e-3), ("3.0e+2", 300.0), (".5", 0.5), ("1_000", 1000.0), ("2e-3", 2e-3),
+    ("1e4", 1e4), ("1.0e4", 1e4), ("+5e-1", 0.5), ("7", 7.0),
+])
+def test_every_spelling_of_a_number_is_a_number_in_set_and_in_params_files(written, value, tmp_path):
+    # YAML 1.1 reads 2e-4, 1E-3 and 1.0e4 as strings: they must still fill a float field
+    assert load_config(None, [f"stage2.weight_decay={written}"]).stage2.weight_decay == value
+    path = tmp_path / "p.yaml"
+    path.write_text(f"stage1:\n  lr: {written}\nmodel:\n  logsnr_min: -{written.lstrip('+')}\n")
+    cfg = load_config(path) if value < 20 else load_config(path, ["model.logsnr_min=-1.5E+1"])
+    assert cfg.stage1.lr == value and cfg.model.logsnr_min == (-value if value < 20 else -15.0)
+
+
+@pytest.mark.parametrize("written,value", [("1e4", 10_000), ("1_024", 1024), ("2.048e+3", 2048), ("64", 64)])
+def test_integer_fields_take_every_spelling_of_a_whole_number(written, value, tmp_path):
+    assert load_config(None, [f"stage1.seed={written}"]).stage1.seed == value
+    path = tmp_path / "p.yaml"
+    path.write_text(f"stage1:\n  seed: {written}\n")
+    seed = load_config(path).stage1.seed
+    assert seed == value and type(seed) is int
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("stage1.seed=1.5e0", "stage1.seed = '1.5e0': expected an integer"),
+    ("stage1.seed=64.5", "stage1.seed = 64.5: expected an integer"),
+    ("stage1.lr=1e", "stage1.lr = '1e': expected a number"),
+    ("stage1.lr=nan", "stage1.lr = 'nan': expected a number"),
+    ("stage1.lr=.inf", "stage1.lr = inf: expected a number"),
+    ("stage1.betas=[0.9, 9.9e-1x]", "stage1.betas[1] = '9.9e-1x': expected a number"),
+])
+def test_text_that_is_not_a_number_is_refused_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert fragment in str(info.value)
+
+
 def test_video_source_with_image_nets_is_fine_to_shard_but_not_to_train():
     cfg = load_config(ROOT / "params.yaml", ["data.source=embedded-video"])
     with pytest.raises(ConfigError, match=r"model.frames = 1: data.source = 'embedded-video' needs model.frames > 1"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -18,13 +19,14 @@ from typing import Any
 
 import yaml
 
+from ulcore.errors import NonRetryableError
 from ulcore.presets import PRESETS
 
 LOGSNR_LIMIT = 20.0  # every log-SNR schedule lives inside [-20, 20] (σ² ≥ 2e-9 keeps fp32 finite)
 
 
-class ConfigError(ValueError):
-    """A params problem: the message names the key, the value and what is allowed."""
+class ConfigError(NonRetryableError, ValueError):
+    """A params problem: the message names the key, the value and what is allowed (a retry cannot fix it)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class DataConfig:
     embedded_train_per_class: int = 300  # embedded default: Fashion-MNIST images per class (train)
     embedded_val_per_class: int = 50  # embedded default: images per class (val)
     random_flip: bool = True  # horizontal flip when training on images
+    max_bad_shards: int = 0  # unreadable shards a training reader skips (counted, reported) before failing the stage
+    max_bad_samples: int = 0  # undecodable samples a training reader skips (counted, reported) before failing
 
 
 @dataclass(frozen=True)
@@ -226,20 +230,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> int | float | None:
+    """A finite number however it was written, or None. YAML 1.1 (PyYAML) reads `2e-4`, `1E-3` and `1.0e4` as
+    strings (its floats need a dot and a signed exponent), so strings go through Python's own number syntax, which
+    also takes `1_000`, `.5` and `3.0e+2`."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return value
+    return None
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check one value against its field's type; ints become floats where a float is asked for."""
+    """Check one value against its field's type; numbers become the field's type (`1e4` fills an int field)."""
     origin = typing.get_origin(annotation)
     if annotation is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key} = {value!r}: expected true or false")
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
         raise ConfigError(f"{key} = {value!r}: expected an integer")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number(value)
+        if number is not None:
+            return float(number)
         raise ConfigError(f"{key} = {value!r}: expected a number")
     if annotation is str:
         if isinstance(value, str):
@@ -393,7 +419,8 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.data.splits) >= 1, "data.splits", list(cfg.data.splits), "must name at least one split")
     if cfg.data.source in ("imagenet", "kinetics"):
         _check(cfg.data.root != "", "data.root", cfg.data.root, f"data.source = {cfg.data.source} needs the raw data's root")
-    for key in ("max_per_class", "embedded_train_per_class", "embedded_val_per_class"):
+    for key in ("max_per_class", "embedded_train_per_class", "embedded_val_per_class", "max_bad_shards",
+                "max_bad_samples"):
         _check(getattr(cfg.data, key) >= 0, f"data.{key}", getattr(cfg.data, key), "must be >= 0")
     _check(cfg.shard.samples_per_shard >= 1, "shard.samples_per_shard", cfg.shard.samples_per_shard, "must be >= 1")
     _check(cfg.shard.max_parallel >= 1, "shard.max_parallel", cfg.shard.max_parallel, "must be >= 1")

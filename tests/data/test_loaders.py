@@ -100,3 +100,48 @@ def test_write_shard_rejects_bad_keys(tmp_path):
     with pytest.raises(ValueError, match="no dots"):
         write_shard(str(tmp_path / "train-000000.tar"), [{"__key__": "a.b", "cls": 1}])
     assert not (tmp_path / "train-000000.tar").exists() and not list(tmp_path.glob("*.stats.json"))
+
+
+@pytest.fixture
+def one_garbage_shard(image_shards, tmp_path):
+    """A copy of the shards with the second tar replaced by random bytes (its stats still count its samples)."""
+    import shutil
+
+    uris = []
+    for uri in image_shards:
+        for src in (uri, uri[: -len(".tar")] + ".stats.json"):
+            shutil.copy(src, tmp_path)
+        uris.append(str(tmp_path / uri.rsplit("/", 1)[-1]))
+    (tmp_path / shard_name("train", 1)).write_bytes(np.random.default_rng(0).bytes(20_000))
+    return uris
+
+
+def test_an_unreadable_shard_stops_a_reader_naming_it(one_garbage_shard):
+    from ulcore.errors import CorruptDataError
+
+    bad = one_garbage_shard[1]
+    with pytest.raises(CorruptDataError, match=rf"{bad}: unreadable shard \(ReadError: invalid header\); 1 "
+                                               r"unreadable shard\(s\) > data.max_bad_shards = 0"):
+        list(loaders.eval_batches(one_garbage_shard, batch_size=5, kind="images"))
+    with pytest.raises(CorruptDataError, match=bad):
+        list(itertools.islice(loaders.train_batches(one_garbage_shard, batch_size=4, rank=0, world_size=1, seed=0,
+                                                    kind="images", flip=False, num_workers=0), 20))
+
+
+def test_skipped_shards_and_samples_are_counted_in_every_batch(one_garbage_shard, tmp_path, caplog):
+    from ulcore.errors import CorruptDataError
+
+    it = loaders.train_batches(one_garbage_shard, batch_size=4, rank=0, world_size=1, seed=0, kind="images",
+                               flip=False, num_workers=0, max_bad_shards=1)
+    batches = list(itertools.islice(it, 20))
+    assert batches[-1]["bad_shards"] == 1 and batches[-1]["bad_samples"] == 0  # drawn again and again, counted once
+    assert not {k for b in batches for k in b["key"]} & {f"k1_{j}" for j in range(PER_SHARD)}
+    assert f"skipping unreadable shard {one_garbage_shard[1]}" in caplog.text
+    uri = str(tmp_path / shard_name("train", 7))  # a readable tar with one sample that is not an image
+    write_shard(uri, [{"__key__": "broken", "png": b"not a png", "cls": 0},
+                      {"__key__": "fine", "png": _image(0), "cls": 0}])
+    with pytest.raises(CorruptDataError, match=rf"{uri}:broken: unreadable sample \(cannot decode sample"):
+        list(loaders.eval_batches([uri], batch_size=2, kind="images"))
+    it = loaders.train_batches([uri], batch_size=2, rank=0, world_size=1, seed=0, kind="images", flip=False,
+                               num_workers=0, max_bad_samples=1)
+    assert next(it)["bad_samples"] == 1

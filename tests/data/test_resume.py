@@ -53,3 +53,16 @@ def test_interrupt_and_resume(ray_session, tmp_path):
     ref_keys, keys = _keys(reference), _keys(out)
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(ref_keys)
     assert summary["splits"]["train"]["samples"] == 11
+
+    # identity is what the shards hold, never how the run went: the interrupted-then-resumed shards fingerprint
+    # like the uninterrupted ones (their write times differ), and a rerun that skips every shard changes nothing
+    from ulcore.data.shards import list_shards
+    from ulcore.eval.fid import data_fingerprint
+    from ulcore.train.loop import input_digest
+
+    uninterrupted = list_shards(str(reference / "data/shards/train"))
+    assert data_fingerprint(list_shards(str(shards))) == data_fingerprint(uninterrupted)
+    before = input_digest(str(out / "data/shards/summary.json"), "shard")
+    again = run_shard(video_cfg(str(raw), str(out), *args))
+    assert again["run"]["shards_built"] == 0 and again["run"] != summary["run"]
+    assert input_digest(str(out / "data/shards/summary.json"), "shard") == before

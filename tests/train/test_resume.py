@@ -1,5 +1,6 @@
 """Kill the training process after its first checkpoint, rerun the same command, and it continues from there."""
 
+import json
 import os
 import shutil
 import signal
@@ -40,24 +41,28 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     ray.shutdown()  # the training subprocesses start their own local cluster
     first = _train(tmp_path)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "checkpoints").glob("stage1-*/*/meta.json")):
-        assert first.poll() is None, f"training ended before its first checkpoint:\n{first.stdout.read()}"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+    while len(list((tmp_path / "checkpoints").glob("stage1-*/*/meta.json"))) < 2:
+        assert first.poll() is None, f"training ended before its second checkpoint:\n{first.stdout.read()}"
+        assert time.monotonic() < deadline, "no second checkpoint within 300 s"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
-    meta = sorted((tmp_path / "checkpoints").glob("stage1-*/*/meta.json"))
-    resumed_from = max(int(__import__("json").loads(p.read_text())["samples"]) for p in meta)
-    assert 0 < resumed_from < 320
+    saved = sorted((int(json.loads(p.read_text())["samples"]), p.parent)
+                   for p in (tmp_path / "checkpoints").glob("stage1-*/*/meta.json"))
+    (newest, broken), (resumed_from, _) = saved[-1], saved[-2]
+    assert 0 < resumed_from < newest < 320
+    state = broken / "state.pt"  # the newest checkpoint is cut short: resume takes the one before, naming it
+    state.write_bytes(state.read_bytes()[:1000])
 
     second = _train(tmp_path)
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out[-3000:]
+    assert f"skipping checkpoint {broken}: {state}: sha256" in out
     assert f"resumed at {resumed_from} samples" in out
     steps_done = (320 - resumed_from) // 16
     assert f"finished at 320 samples: {steps_done} steps in this run" in out
     run_dir = next((tmp_path / "checkpoints").glob("stage1-*"))
-    final = load_state(Path(latest_checkpoint(str(run_dir), __import__("json").loads(
+    final = load_state(Path(latest_checkpoint(str(run_dir), json.loads(
         (tmp_path / "models" / "stage1" / "done.json").read_text())["digest"])))
     assert final["samples"] == 320 and final["step"] == 20
     # AdamW counts its own steps: 20 only if the optimiser state survived the kill
@@ -90,6 +95,57 @@ def test_state_round_trip_restores_model_ema_and_optimiser(tmp_path):
     assert (state["samples"], state["step"]) == (12, 3)
     assert latest_checkpoint(str(tmp_path.parent), "d") == str(tmp_path)
     assert latest_checkpoint(str(tmp_path.parent), "other") is None
+
+
+def _tiny_checkpoints(run: Path, samples: list[int]) -> list[Path]:
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    folders = []
+    for n in samples:
+        save_state(run / f"checkpoint_{n:06d}", model=model, ema=model, optimizer=opt, scheduler=sched,
+                   progress=Progress(samples=n, step=n // 16), config_yaml="x: 1\n", digest="d")
+        folders.append(run / f"checkpoint_{n:06d}")
+    return folders
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_resume_skips_a_truncated_checkpoint_naming_it_and_loading_one_names_the_file(tmp_path, capsys):
+    from ulcore.errors import CorruptCheckpointError
+
+    old, mid, new = _tiny_checkpoints(tmp_path / "run", [16, 32, 48])
+    _truncate(new / "state.pt")
+    assert latest_checkpoint(str(tmp_path / "run"), "d") == str(mid)
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {new}: {new / 'state.pt'}: sha256" in out and "truncated or overwritten" in out
+    with pytest.raises(CorruptCheckpointError) as info:  # torch's bare error (PytorchStreamReader...) + the path
+        load_state(new)
+    assert f"{new / 'state.pt'}: cannot load the training state" in str(info.value)
+    # a checkpoint saved before sizes and hashes were recorded is checked by loading it
+    meta = json.loads((mid / "meta.json").read_text())
+    (mid / "meta.json").write_text(json.dumps({k: meta[k] for k in ("samples", "step", "digest")}))
+    _truncate(mid / "state.pt")
+    assert latest_checkpoint(str(tmp_path / "run"), "d") == str(old)
+    assert f"skipping checkpoint {mid}: {mid / 'state.pt'}: cannot load" in capsys.readouterr().out
+    _truncate(old / "state.pt")
+    assert latest_checkpoint(str(tmp_path / "run"), "d") is None
+    assert "none of its 3 checkpoint(s) is intact (listed above): training starts again from 0 samples" in \
+        capsys.readouterr().out
+
+
+def test_resume_skips_a_truncated_checkpoint_on_s3(tmp_path, s3_bucket, capsys):
+    from ulcore import storage
+
+    folders = _tiny_checkpoints(tmp_path / "run", [16, 32])
+    _truncate(folders[1] / "state.pt")
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            storage.upload_file(str(path), f"{s3_bucket}/run/{path.relative_to(tmp_path / 'run')}")
+    assert latest_checkpoint(f"{s3_bucket}/run", "d") == f"{s3_bucket}/run/checkpoint_000016"
+    assert f"skipping checkpoint {s3_bucket}/run/checkpoint_000032" in capsys.readouterr().out
 
 
 def test_ema_starts_equal_and_follows_the_halflife():

@@ -6,6 +6,12 @@ so ranks see disjoint samples; decoding to uint8 happens in the DataLoader worke
 (`to_float`) on the training side, where it is cheapest (uint8 crosses the worker pipe at a quarter of the size).
 Evaluation is one exact pass in a fixed order in the calling process.
 
+Unreadable data is never dropped silently: every reader counts the shards it cannot read and the samples it cannot
+decode (`ReadErrors`), warns naming each one, and stops with CorruptDataError naming the file once either count
+passes its limit (`data.max_bad_shards`, `data.max_bad_samples`; 0 by default: the first one stops the stage).
+Training batches carry the counts so far (`bad_shards`, `bad_samples`) for the stage's status line, metrics and
+MLflow.
+
 Batches: {"x": uint8 (B,3,H,W) | (B,3,T,H,W), "cls": int64 (B,), "key": [str]} for images/videos and
 {"z": float32 (B,C,h,w), "cls", "key"} for latents.
 """
@@ -28,6 +34,7 @@ from ulcore import storage
 from ulcore.config import Config
 from ulcore.data.shards import list_shards, read_stats
 from ulcore.data.video import decode_mp4
+from ulcore.errors import CorruptDataError
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +103,52 @@ def decode_sample(sample: dict[str, Any], kind: str) -> dict[str, Any]:
     return {"x": np.ascontiguousarray(x), "cls": cls, "key": key}
 
 
-def _decoded(source: Iterator[dict], kind: str) -> Iterator[dict]:
+class ReadErrors:
+    """The unreadable shards and samples one reader met: each warned about once, counted, and fatal past a limit."""
+
+    def __init__(self, max_bad_shards: int = 0, max_bad_samples: int = 0) -> None:
+        self.limits = {"shard": max_bad_shards, "sample": max_bad_samples}
+        self.seen: dict[str, dict[str, str]] = {"shard": {}, "sample": {}}  # kind -> where -> first error
+
+    def counts(self) -> dict[str, int]:
+        return {"bad_shards": len(self.seen["shard"]), "bad_samples": len(self.seen["sample"])}
+
+    def _record(self, kind: str, where: str, error: str) -> None:
+        found = self.seen[kind]
+        if where in found:  # a resampled stream draws the same broken shard again: counted once
+            return
+        found[where] = error
+        limit = self.limits[kind]
+        if len(found) > limit:
+            raise CorruptDataError(f"{where}: unreadable {kind} ({error}); {len(found)} unreadable {kind}(s) > "
+                                   f"data.max_bad_{kind}s = {limit}: rebuild it (delete it and its .stats.json, "
+                                   f"rerun the stage that wrote it) or raise data.max_bad_{kind}s")
+        log.warning("skipping unreadable %s %s (%s); %d of data.max_bad_%ss = %d so far", kind, where, error,
+                    len(found), kind, limit)
+
+    def shard_error(self, exn: Exception) -> bool:
+        """webdataset handler for shards that cannot be opened or untarred; the shard's URL is its last arg."""
+        where = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "?"
+        detail = next((str(a) for a in exn.args if isinstance(a, str) and a != where), "")
+        self._record("shard", where, f"{type(exn).__name__}: {detail}".rstrip(": "))
+        return True
+
+    def sample_error(self, exc: ValueError) -> None:
+        where, _, error = str(exc).partition(": ")
+        self._record("sample", where, error)
+
+
+def _decoded(source: Iterator[dict], kind: str, errors: ReadErrors) -> Iterator[dict]:
     for sample in source:
         try:
             yield decode_sample(sample, kind)
-        except ValueError as exc:  # one bad sample must not stop training: skip it, say so
-            log.warning("skipping sample: %s", exc)
+        except ValueError as exc:
+            errors.sample_error(exc)
+
+
+def _with_counts(source: Iterator[dict], errors: ReadErrors) -> Iterator[dict]:
+    for batch in source:
+        yield {**batch, **errors.counts()}
 
 
 def _worker_rng(seed: int, rank: int) -> random.Random:
@@ -152,18 +199,22 @@ def _rank_slice(uris: list[str], rank: int, world_size: int, workers: int) -> li
 
 
 def train_batches(uris: list[str], *, batch_size: int, rank: int, world_size: int, seed: int, kind: str,
-                  flip: bool, num_workers: int = 1) -> Iterator[dict[str, Any]]:
-    """Infinite stream of per-rank batches of `batch_size`, resampled from this rank's disjoint shard slice."""
+                  flip: bool, num_workers: int = 1, max_bad_shards: int = 0,
+                  max_bad_samples: int = 0) -> Iterator[dict[str, Any]]:
+    """Infinite stream of per-rank batches of `batch_size`, resampled from this rank's disjoint shard slice; each
+    batch also carries this reader's `bad_shards` and `bad_samples` so far (per loader worker)."""
     if kind not in KINDS:
         raise ValueError(f"kind = {kind!r}: expected one of {sorted(KINDS)}")
     mine = _rank_slice(uris, rank, world_size, num_workers)
+    errors = ReadErrors(max_bad_shards, max_bad_samples)
     pipeline = wds.DataPipeline(
         # rank folded into the seed: the worker seed webdataset adds only sees ranks set up by torch.distributed
         wds.ResampledShards(mine, seed=seed * 1_000_003 + rank, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        lambda src: _decoded(src, kind),
+        wds.tarfile_to_samples(handler=errors.shard_error),
+        lambda src: _decoded(src, kind, errors),
         lambda src: _shuffled_flipped(src, seed=seed, rank=rank, flip=flip),
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        lambda src: _with_counts(src, errors),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
                            persistent_workers=num_workers > 0)
@@ -175,18 +226,21 @@ def eval_batches(uris: list[str], *, batch_size: int, rank: int = 0, world_size:
                  kind: str) -> Iterator[dict[str, Any]]:
     """One exact pass over this rank's shard slice, in shard and file order; the last batch may be short.
 
-    Ranks can get different batch counts: gather results after the loop rather than per batch.
+    Ranks can get different batch counts: gather results after the loop rather than per batch. A pass that must
+    see every sample stops at the first unreadable shard or sample, naming it.
     """
     if kind not in KINDS:
         raise ValueError(f"kind = {kind!r}: expected one of {sorted(KINDS)}")
     mine = _rank_slice(uris, rank, world_size, 1)
+    errors = ReadErrors()
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(mine),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        lambda src: _decoded(src, kind),
+        wds.tarfile_to_samples(handler=errors.shard_error),
+        lambda src: _decoded(src, kind, errors),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     yield from pipeline
 
 
-__all__ = ["shard_uris", "train_batches", "eval_batches", "to_float", "to_uint8", "decode_sample", "collate"]
+__all__ = ["shard_uris", "train_batches", "eval_batches", "to_float", "to_uint8", "decode_sample", "collate",
+           "ReadErrors"]

@@ -12,6 +12,7 @@ rewrites a shard from the same inputs produces the identical file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -31,6 +32,9 @@ from ulcore import storage
 
 SHARD_PATTERN = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
 STATS_SUFFIX = ".stats.json"
+# Keys of stats and summaries that say how a run went (timings; shards built, skipped or failed this time), never
+# what it produced: a rerun that only skipped finished shards must leave every downstream identity unchanged.
+RUN_STATS = frozenset({"run", "seconds"})
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-+=@,%~]+$")
 
 
@@ -161,6 +165,20 @@ def write_shard(uri: str, samples: Iterable[dict[str, Any]], extra_stats: dict[s
     return stats
 
 
+def content_digest(doc: Any) -> str:
+    """Identity of a stats or summary document: a hash of its JSON without the RUN_STATS keys, at any depth.
+    Every stage input digest built from such a document goes through here."""
+
+    def content(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: content(v) for k, v in value.items() if k not in RUN_STATS}
+        if isinstance(value, list):
+            return [content(v) for v in value]
+        return value
+
+    return hashlib.sha256(json.dumps(content(doc), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_stats(shard_uri: str) -> dict[str, Any] | None:
     """The shard's stats, or None when the shard is not finished."""
     try:
@@ -186,4 +204,5 @@ def list_shards(folder: str, split: str | None = None) -> list[str]:
 
 
 __all__ = ["Item", "SampleError", "shard_name", "stats_uri", "safe_key", "encode_field", "write_tar", "write_shard",
-           "read_stats", "finished_shards", "list_shards", "SHARD_PATTERN", "STATS_SUFFIX"]
+           "read_stats", "content_digest", "finished_shards", "list_shards", "SHARD_PATTERN", "STATS_SUFFIX",
+           "RUN_STATS"]

@@ -142,13 +142,16 @@ def reference_key(*, split: str, resolution: int, weights_sha256: str, n: int, d
 
 
 def data_fingerprint(shard_uris: list[str]) -> str:
-    """Identity of the shards: names plus their stats JSON contents (written by the shard stage, cheap to read)."""
+    """Identity of the shards: names plus their stats JSON contents (written by the shard stage, cheap to read),
+    without run statistics (shards.content_digest)."""
+    from ulcore.data.shards import content_digest, read_stats
+
     digest = hashlib.sha256()
     for uri in shard_uris:
         digest.update(uri.rsplit("/", 1)[-1].encode())
-        stats_uri = uri[:-len(".tar")] + ".stats.json" if uri.endswith(".tar") else uri + ".stats.json"
-        if storage.exists(stats_uri):
-            digest.update(storage.read_bytes(stats_uri))
+        stats = read_stats(uri)
+        if stats is not None:
+            digest.update(content_digest(stats).encode())
     return digest.hexdigest()[:16]
 
 

@@ -12,7 +12,6 @@ thread only added ~4 % CPU time, so CPU tasks decode inline.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ import torch
 from ulcore import storage
 from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
-from ulcore.data.shards import list_shards, read_stats, write_shard
+from ulcore.data.shards import content_digest, list_shards, read_stats, write_shard
 from ulcore.train.export import load_encoder, stage1_root
 from ulcore.train.precision import compute_device
 
@@ -60,8 +59,7 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
 
 
 def _shard_digest(shard_uri: str) -> str:
-    stats = read_stats(shard_uri) or {}
-    return hashlib.sha256(repr(sorted(stats.items())).encode()).hexdigest()[:16]
+    return content_digest(read_stats(shard_uri) or {})
 
 
 def encode_shard(shard_uri: str, out_uri: str, cfg_dict: dict[str, Any], env: dict[str, str],

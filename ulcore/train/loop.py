@@ -2,8 +2,11 @@
 
 A stage is a `StageSpec` (what to build, which data, how to monitor and export); everything else — AdamW with
 warm-up, gradient clipping, EMA, the NaN/Inf guard, progress in samples seen, checkpoints and resume — lives here
-once. Resume is rerunning the same command: Ray restores in-run worker failures (FailureConfig), and a fresh
-driver finds the latest checkpoint whose config digest matches (checkpoint.latest_checkpoint).
+once. Resume is rerunning the same command: a fresh driver finds the latest intact checkpoint whose config digest
+matches (checkpoint.latest_checkpoint). The driver also retries an attempt that lost a worker or a node, up to
+`ray.max_failures` times, from that same checkpoint; an error a retry cannot fix (ulcore.errors: divergence, bad
+params, corrupt checkpoint or data) ends the run at once with its own message. Ray's FailureConfig cannot tell
+the two apart (it retries every worker error), so Ray itself is told never to retry.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from ulcore import storage, tracking
 from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
+from ulcore.errors import first_non_retryable
 from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.ema import EMA
 from ulcore.train.precision import autocast, resolve_precision
@@ -50,8 +54,9 @@ def stage_spec(name: str) -> StageSpec:
 
 
 # Keys that change how a step is computed, not what it computes: switching activation checkpointing on after an
-# out-of-memory error must resume the run, not start a new one.
-EXECUTION_ONLY_KEYS = ("activation_checkpointing",)
+# out-of-memory error, or allowing an unreadable shard after CorruptDataError, must resume the run, not start anew.
+EXECUTION_ONLY_KEYS = ("activation_checkpointing", "max_bad_shards", "max_bad_samples")
+DATA_ERROR_KEYS = ("bad_shards", "bad_samples")  # what the readers skipped (loaders.ReadErrors), summed over ranks
 
 
 def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
@@ -88,12 +93,22 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
     return bool(flag.item() == 1.0)
 
 
+def _data_errors(batch: Batch, world: int, device: torch.device) -> dict[str, int]:
+    """The readers' skipped shards and samples so far, summed over ranks (every rank calls this at the same step)."""
+    counts = torch.tensor([float(batch.get(k, 0)) for k in DATA_ERROR_KEYS], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+    return {k: int(v) for k, v in zip(DATA_ERROR_KEYS, counts.tolist(), strict=True)}
+
+
 def _status(stage: str, samples: int, total: int, metrics: dict[str, float], rate: float) -> str:
     """One status line with a progress bar, printed by rank 0 and forwarded to the driver by Ray."""
     frac = samples / total
     bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
     eta = (total - samples) / rate if rate > 0 else float("nan")
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "bits_per_pixel", "ema_psnr", "ema_bits_per_pixel"))
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                     if k in ("loss", "bits_per_pixel", "ema_psnr", "ema_bits_per_pixel")
+                     or (k in DATA_ERROR_KEYS and v))
     return f"[{stage}] [{bar}] {samples}/{total} samples {rate:.0f}/s eta {eta:.0f}s {shown}"
 
 
@@ -119,12 +134,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step * t.batch_size, t))
     progress = Progress(samples=0, step=0)
 
-    checkpoint = ray.train.get_checkpoint()
-    resume_uri = loop_config.get("resume_from")
-    if checkpoint is not None or resume_uri:
+    resume_uri = loop_config.get("resume_from")  # the driver's pick, checked intact (not Ray's newest, unchecked)
+    if resume_uri:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(checkpoint.to_directory(tmp)) if checkpoint is not None else materialize(resume_uri, Path(tmp))
-            state = load_state(folder)
+            state = load_state(materialize(resume_uri, Path(tmp)))
         objective.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -177,7 +190,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         rate = count * t.batch_size / max(time.perf_counter() - tic, 1e-9)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
         metrics.update(samples=progress.samples, lr=optimizer.param_groups[0]["lr"], samples_per_s=rate,
-                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                       peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                       **_data_errors(batch, world, loss.device))
         if at_ckpt and rank == 0:
             metrics.update(spec.monitor(cfg, ema.module, progress.samples, run_id, uri))
         if rank == 0:
@@ -233,27 +247,41 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     ckpt_root = storage.join(cfg.storage.root, "checkpoints")
     run_name = f"{spec.name}-{digest}"
     storage_path = ckpt_root if storage.is_s3(ckpt_root) else str(Path(ckpt_root).resolve())
-    resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
     local = Path(tempfile.mkdtemp(prefix=f"ul-{spec.name}-final-"))
-    if resume_from:
-        done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
-        print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}", flush=True)
-        if done:
-            return FitResult(materialize(resume_from, local), {})
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest, "resume_from": resume_from,
-                           "mlflow_run_id": run_id, "tracking_uri": tracking.tracking_uri(cfg),
-                           "driver_cwd": str(Path.cwd())},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
-    )
-    result = trainer.fit()
+    for attempt in range(cfg.ray.max_failures + 1):
+        resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
+        if resume_from:
+            done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
+            print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}",
+                  flush=True)
+            if done:
+                return FitResult(materialize(resume_from, local), {})
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest,
+                               "resume_from": resume_from, "mlflow_run_id": run_id,
+                               "tracking_uri": tracking.tracking_uri(cfg), "driver_cwd": str(Path.cwd())},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=run_name, storage_path=storage_path, failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except ray.train.TrainingFailedError as exc:
+            errors = list(getattr(exc, "worker_failures", {}).values())
+            fatal = first_non_retryable(errors)
+            if fatal is not None:
+                raise fatal from None  # the worker's own error and message (its traceback is in the log above)
+            if attempt == cfg.ray.max_failures:
+                raise
+            cause = "; ".join(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+                              for e in errors) or str(exc)
+            print(f"[{spec.name}] attempt {attempt + 1} failed ({cause}): retrying from the latest checkpoint "
+                  f"({attempt + 1}/{cfg.ray.max_failures} retries used)", flush=True)
     if result.checkpoint is None:
         raise RuntimeError(f"{spec.name}: training finished without a checkpoint under {storage_path}/{run_name}")
     return FitResult(Path(result.checkpoint.to_directory(str(local))), dict(result.metrics or {}))
@@ -261,12 +289,13 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
 
 
 def input_digest(uri: str, what: str) -> str:
-    """Content hash of a stage's input manifest; a clear error when the upstream stage has not run."""
-    import hashlib
+    """Content hash of a stage's input manifest (without its run statistics: shards.content_digest); a clear
+    error when the upstream stage has not run."""
+    from ulcore.data.shards import content_digest
 
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: run the {what} stage first (python -m flows.{what})")
-    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()[:16]
+    return content_digest(storage.read_json(uri))
 
 
 def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
@@ -285,7 +314,8 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:
         started = time.perf_counter()
-        state = load_state(fit(cfg, spec, digest=digest, run_id=run_id).state_dir)
+        fitted = fit(cfg, spec, digest=digest, run_id=run_id)
+        state = load_state(fitted.state_dir)
         ema = spec.build(cfg)
         ema.load_state_dict(state["ema"])
         ema.eval()
@@ -293,7 +323,8 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         metrics = {k.removeprefix("ema_"): v for k, v in
                    spec.monitor(cfg, ema, int(state["samples"]), run_id, tracking.tracking_uri(cfg)).items()}
         metrics.update(samples=int(state["samples"]), steps=int(state["step"]),
-                       wall_seconds=time.perf_counter() - started)
+                       wall_seconds=time.perf_counter() - started,
+                       **{k: int(fitted.metrics.get(k, 0)) for k in DATA_ERROR_KEYS})
         tracking.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()}, step=int(state["samples"]))
         files = export_modules(export(cfg, ema), cfg, out)
         versions = {name: tracking.register_model(run_id, f"{cfg.tracking.model_prefix}-{name}",

@@ -77,7 +77,8 @@ class Stage1Objective(nn.Module):
 def train_batches(cfg: Config, per_rank: int, rank: int, world: int, seed: int) -> Iterator[dict[str, Any]]:
     uris = loaders.shard_uris(cfg, "images", cfg.data.splits[0])
     return loaders.train_batches(uris, batch_size=per_rank, rank=rank, world_size=world, seed=seed, kind="images",
-                                 flip=cfg.data.random_flip and not cfg.is_video)
+                                 flip=cfg.data.random_flip and not cfg.is_video, max_bad_shards=cfg.data.max_bad_shards,
+                                 max_bad_samples=cfg.data.max_bad_samples)
 
 
 def heldout_batch(cfg: Config, size: int) -> Tensor:

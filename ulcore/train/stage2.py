@@ -51,7 +51,8 @@ class Stage2Objective(nn.Module):
 def train_batches(cfg: Config, per_rank: int, rank: int, world: int, seed: int) -> Iterator[dict[str, Any]]:
     uris = loaders.shard_uris(cfg, "latents", cfg.data.splits[0])
     return loaders.train_batches(uris, batch_size=per_rank, rank=rank, world_size=world, seed=seed, kind="latents",
-                                 flip=False)
+                                 flip=False, max_bad_shards=cfg.data.max_bad_shards,
+                                 max_bad_samples=cfg.data.max_bad_samples)
 
 
 @functools.lru_cache(maxsize=2)
