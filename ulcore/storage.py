@@ -135,6 +135,27 @@ def _atomic_local(path: str) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_local(tmp: str, target: str) -> None:
+    """Rename a finished temp file or folder onto `target` with the mode a plain open() / mkdir would have given it
+    (0o666 / 0o777 less the umask): mkstemp and mkdtemp create owner-only entries that other accounts on shared
+    storage could not read."""
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask())
+    os.replace(tmp, target)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -145,7 +166,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, uri)
+        publish_local(tmp, uri)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -168,7 +189,7 @@ def _atomic_copy(target: str, fill: Any) -> None:
     os.close(fd)
     try:
         fill(tmp)
-        os.replace(tmp, target)
+        publish_local(tmp, target)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -266,5 +287,5 @@ def _unlink_quietly(path: str) -> None:
 __all__ = [
     "is_s3", "join", "split_s3", "use_endpoint", "s3_env", "client", "exists", "read_bytes", "open_read",
     "write_bytes", "upload_file", "download_file", "read_text", "write_text", "read_json", "write_json",
-    "list_uris", "remove",
+    "list_uris", "remove", "publish_local",
 ]
