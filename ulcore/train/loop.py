@@ -213,11 +213,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def _check_resources(cfg: Config) -> None:
     """A local cluster cannot grow: fail now, naming the params, instead of waiting forever for workers."""
-    import os
-
     import ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    from ulcore.data.ray_init import requested_address
+
+    if requested_address(cfg.ray)[0]:
         return  # a real cluster may autoscale
     have = ray.cluster_resources()
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
