@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,8 +17,8 @@ import uuid
 
 import pytest
 
-from tests.conftest import S3_ENV, free_port
 from shard_fixtures import image_cfg
+from tests.conftest import S3_ENV, free_port
 from ulcore import storage
 from ulcore.data.sharding import run_shard
 
@@ -31,8 +32,6 @@ def _start_moto(port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 60
     while True:
         try:
-            import socket
-
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc
         except OSError:
