@@ -61,11 +61,12 @@ def _free_loopback_port() -> int:
 def ensure_ray(ray_cfg: RayConfig) -> None:
     """`ray.init` unless already connected: the named cluster, else a local instance on 127.0.0.1."""
     import ray
+    from ray._private import ray_constants
 
-    if ray.is_initialized():
-        return
     for key, value in {**LOCAL_RAY_ENV, **DRIVER_ENV}.items():
         os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
     address, source = requested_address(ray_cfg)
     if address:
         _check_reachable(address, source)
@@ -76,6 +77,9 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
     # latest `ray start` cluster or fail with "Found multiple active Ray instances" when others run. Workers inherit it.
     dashboard_port = _free_loopback_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported; if that came before the setting above, this
+    # process would still give the instance the host's interface address and Ray would listen on all interfaces.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     # Spot-instance preemption cannot happen to a local instance; its watcher only logs a spurious "E" line.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", num_cpus=ray_cfg.num_cpus or None, include_dashboard=True,

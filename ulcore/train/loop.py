@@ -239,7 +239,8 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ulcore.data.ray_init import ensure_ray
+    from ulcore.data.ray_init import ensure_ray, requested_address
+    from ulcore.train.process_group import BoundTorchConfig
 
     ensure_ray(cfg.ray)
     _check_resources(cfg)
@@ -258,6 +259,8 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
                 return FitResult(materialize(resume_from, local), {})
         trainer = TorchTrainer(
             worker_loop,
+            # a local run's process group listens on loopback only; on a cluster, on rank 0's Ray node IP
+            torch_config=BoundTorchConfig(bind_address="" if requested_address(cfg.ray)[0] else "127.0.0.1"),
             train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest,
                                "resume_from": resume_from, "mlflow_run_id": run_id,
                                "tracking_uri": tracking.tracking_uri(cfg), "driver_cwd": str(Path.cwd())},
