@@ -334,7 +334,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 __all__ = [
-    "is_s3", "join", "split_s3", "StorageUnreachable", "use_endpoint", "s3_env", "client", "exists", "read_bytes", "open_read",
-    "write_bytes", "upload_file", "download_file", "read_text", "write_text", "read_json", "write_json",
+    "is_s3", "join", "split_s3", "StorageUnreachable", "use_endpoint", "s3_env", "client", "exists", "read_bytes",
+    "open_read", "write_bytes", "upload_file", "download_file", "read_text", "write_text", "read_json", "write_json",
     "list_uris", "remove", "publish_local",
 ]
