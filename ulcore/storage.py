@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from ulcore.errors import NonRetryableError
+
 S3_PREFIX = "s3://"
 # Parts of 64 MiB keep a 1 GB shard to 16 parts (S3 allows 10,000) and bound memory per upload thread.
 MULTIPART_THRESHOLD = 64 * 2**20
@@ -61,8 +63,16 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-class StorageUnreachable(RuntimeError):
+class StorageUnreachable(NonRetryableError):
     """The S3 endpoint refused or timed out every connection for the configured time: not worth retrying."""
+
+
+def transient_errors() -> list[type[BaseException]]:
+    """What a Ray task that reads or writes storage may be retried for: I/O and botocore errors that outlived
+    botocore's own retries (throttling, resets, 5xx). Never StorageUnreachable or another NonRetryableError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return [OSError, BotoCoreError, ClientError]
 
 
 def use_endpoint(url: str, unreachable_after_s: float | None = None) -> None:
@@ -334,7 +344,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 __all__ = [
-    "is_s3", "join", "split_s3", "StorageUnreachable", "use_endpoint", "s3_env", "client", "exists", "read_bytes",
-    "open_read", "write_bytes", "upload_file", "download_file", "read_text", "write_text", "read_json", "write_json",
-    "list_uris", "remove", "publish_local",
+    "is_s3", "join", "split_s3", "StorageUnreachable", "transient_errors", "use_endpoint", "s3_env", "client",
+    "exists", "read_bytes", "open_read", "write_bytes", "upload_file", "download_file", "read_text", "write_text",
+    "read_json", "write_json", "list_uris", "remove", "publish_local",
 ]

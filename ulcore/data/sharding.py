@@ -126,13 +126,12 @@ def build_shard(job: ShardJob, cfg: Config, env: dict[str, str]) -> dict[str, An
 def _run_jobs(cfg: Config, jobs: list[ShardJob]) -> tuple[list[dict], list[str]]:
     """Run jobs as Ray tasks, at most shard.max_parallel in flight; returns (stats, failure messages)."""
     import ray
-    from botocore.exceptions import BotoCoreError, ClientError
 
     from ulcore.data.ray_init import ensure_ray
 
     ensure_ray(cfg.ray)
     task = ray.remote(build_shard).options(num_cpus=1, max_retries=TASK_RETRIES,
-                                           retry_exceptions=[OSError, BotoCoreError, ClientError])
+                                           retry_exceptions=storage.transient_errors())
     env = storage.s3_env()
     queue = list(jobs)
     running: dict[Any, ShardJob] = {}
