@@ -7,6 +7,7 @@ cluster" file there without touching other Ray users of the machine), then is ki
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,3 +83,4 @@ def test_local_runs_ignore_other_and_dead_clusters_and_named_ones_fail_fast():
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
