@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from ulcore import tracking
 from ulcore.config import Config, load_config
+from ulcore.run_lock import stage_lock
 
 # stage -> "module:function" of its ulcore entry point (imported lazily: one missing module breaks one flow)
 STAGE_FUNCTIONS = {
@@ -64,7 +65,8 @@ def resolve(stage: str) -> Any:
 def run_stage_task(stage: str, params: str, overrides: list[str]) -> dict[str, Any]:
     """The stage itself (its own Ray cluster / Ray Train driver): one task, resumable by rerunning."""
     cfg = load(params, overrides)
-    result = resolve(stage)(cfg)
+    with stage_lock(cfg.storage.root, stage):  # a second run of this stage on this root refuses at once
+        result = resolve(stage)(cfg)
     return dict(result or {})
 
 

@@ -77,3 +77,26 @@ def test_s3_multipart_upload_and_download(s3_bucket, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such S3 object"):
         storage.download_file(s3_bucket + "/big/nope", str(tmp_path / "nope"))
     assert not (tmp_path / "nope").exists()
+
+
+def test_published_files_and_folders_get_the_usual_mode(tmp_path):
+    """Temp files are owner-only (mkstemp); what is renamed into place gets 0o666 / 0o777 less the umask."""
+    from ulcore.data.shards import write_shard
+
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(str(tmp_path / "a.bin"), b"x")
+        storage.upload_file(str(tmp_path / "a.bin"), str(tmp_path / "copy" / "b.bin"))
+        stats = write_shard(str(tmp_path / "shards" / "train-000000.tar"), [{"__key__": "k", "cls": 1}])
+        staging = tmp_path / ".staging"
+        staging.mkdir(mode=0o700)
+        storage.publish_local(str(staging), str(tmp_path / "published"))
+        os.umask(0o027)
+        storage.write_bytes(str(tmp_path / "private.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert stats["samples"] == 1
+    for name in ("a.bin", "copy/b.bin", "shards/train-000000.tar", "shards/train-000000.stats.json"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o644), name
+    assert oct((tmp_path / "published").stat().st_mode & 0o777) == oct(0o755)
+    assert oct((tmp_path / "private.bin").stat().st_mode & 0o777) == oct(0o640)

@@ -188,3 +188,20 @@ def test_training_and_evaluation_modules_import_without_mlflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_processes_creating_one_sqlite_store_at_once_all_succeed(tmp_path):
+    """Four processes open a fresh mlflow.db at the same instant (two runs started together on a fresh root):
+    without serialising its creation, all but one died in alembic ("duplicate column name")."""
+    import time
+
+    script = ("import sys, time\nfrom ulcore import tracking\n"
+              "while time.time() < float(sys.argv[2]): time.sleep(0.001)\n"
+              "tracking.client(f'sqlite:///{sys.argv[1]}/mlflow.db').search_experiments()")
+    start_at = str(time.time() + 20)  # after every interpreter has imported MLflow
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), start_at], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-1500:] for o in outputs)

@@ -166,11 +166,12 @@ class TrackingConfig:
 class StorageConfig:
     root: str = "."  # where outputs live: a local folder or s3://bucket/prefix
     s3_endpoint: str = ""  # S3-compatible endpoint URL ("" = AWS_ENDPOINT_URL or AWS itself)
+    unreachable_after_s: float = 60.0  # an S3 endpoint refusing connections this long fails the stage (not retried)
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # existing cluster ("" = RAY_ADDRESS or a local ray.init on 127.0.0.1)
+    address: str = ""  # cluster to join ("" = RAY_ADDRESS if set, else a local instance of our own on 127.0.0.1)
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 2.0  # CPUs (and torch threads) per worker
@@ -449,6 +450,8 @@ def validate(cfg: Config) -> None:
     _check(e.fvd_reconstruction_guidance >= 0, "eval.fvd_reconstruction_guidance", e.fvd_reconstruction_guidance,
            "must be >= 0 (0 = replacement only)")
     _check(cfg.storage.root != "", "storage.root", cfg.storage.root, "must be a folder or s3://bucket/prefix")
+    _check(cfg.storage.unreachable_after_s > 0, "storage.unreachable_after_s", cfg.storage.unreachable_after_s,
+           "must be > 0 (seconds)")
     _check(cfg.ray.num_workers >= 1, "ray.num_workers", cfg.ray.num_workers, "must be >= 1")
     _check(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", cfg.ray.cpus_per_worker, "must be > 0")
     _check(cfg.ray.max_failures >= 0, "ray.max_failures", cfg.ray.max_failures, "must be >= 0")

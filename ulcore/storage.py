@@ -5,6 +5,11 @@ locally a temp file in the same folder is `os.replace`d onto the target; on S3 a
 once its single PUT or its multipart upload completes. S3 goes through boto3 with retries configured in
 botocore (adaptive mode backs off on throttling); the endpoint comes from `AWS_ENDPOINT_URL` so the same code
 talks to AWS, MinIO or the moto server the tests start on 127.0.0.1.
+
+Transient errors (throttling, resets, 5xx) are retried; an endpoint that cannot be connected to at all is not
+transient: once one request has failed to connect for `storage.unreachable_after_s` seconds it raises
+`StorageUnreachable`, naming the endpoint, and nothing retries that (Ray tasks neither), so a lost endpoint ends
+the stage in bounded time with one message.
 """
 
 from __future__ import annotations
@@ -12,17 +17,24 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
+
+from ulcore.errors import NonRetryableError
 
 S3_PREFIX = "s3://"
 # Parts of 64 MiB keep a 1 GB shard to 16 parts (S3 allows 10,000) and bound memory per upload thread.
 MULTIPART_THRESHOLD = 64 * 2**20
 MULTIPART_CHUNK = 64 * 2**20
 RETRY_ATTEMPTS = 10
+UNREACHABLE_ENV = "UL_S3_UNREACHABLE_AFTER_S"  # storage.unreachable_after_s, handed to Ray tasks with the AWS_* vars
+DEFAULT_UNREACHABLE_AFTER_S = 60.0
+CONNECT_RETRY_MAX_SLEEP_S = 5.0
 
 _clients: dict[tuple[int, str], Any] = {}
 _clients_lock = threading.Lock()
@@ -51,29 +63,76 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def use_endpoint(url: str) -> None:
-    """Point every later S3 call (this process and the Ray tasks it starts) at `url`; "" keeps the current one."""
+class StorageUnreachable(NonRetryableError):
+    """The S3 endpoint refused or timed out every connection for the configured time: not worth retrying."""
+
+
+def transient_errors() -> list[type[BaseException]]:
+    """What a Ray task that reads or writes storage may be retried for: I/O and botocore errors that outlived
+    botocore's own retries (throttling, resets, 5xx). Never StorageUnreachable or another NonRetryableError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return [OSError, BotoCoreError, ClientError]
+
+
+def use_endpoint(url: str, unreachable_after_s: float | None = None) -> None:
+    """Point every later S3 call (this process and the Ray tasks it starts) at `url`; "" keeps the current one.
+    `unreachable_after_s` (storage.unreachable_after_s) bounds how long a connection is retried."""
     if url:
         os.environ["AWS_ENDPOINT_URL"] = url
+    if unreachable_after_s is not None:
+        os.environ[UNREACHABLE_ENV] = str(unreachable_after_s)
 
 
 def s3_env() -> dict[str, str]:
-    """The AWS_* variables that decide where S3 calls go: handed to Ray tasks, whose workers may predate them."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    """The variables that decide where S3 calls go and how long they may fail to connect: handed to Ray tasks,
+    whose workers may predate them."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == UNREACHABLE_ENV}
+
+
+def _endpoint_name() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (no AWS_ENDPOINT_URL set)"
+
+
+def _bound_connection_retries(budget_s: float) -> Any:
+    """A botocore `needs-retry` hook, run before botocore's own: connection failures are retried with short
+    sleeps until `budget_s` has passed since the request's first one, then become StorageUnreachable; every other
+    outcome is left to botocore's retry policy."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    def hook(caught_exception: Exception | None = None, attempts: int = 1, request_dict: dict | None = None,
+             **_: Any) -> float | None:
+        if not isinstance(caught_exception, (EndpointConnectionError, ConnectTimeoutError)):
+            return None
+        context = (request_dict or {}).setdefault("context", {})
+        first = context.setdefault("ul_connect_failed_since", time.monotonic())
+        waited = time.monotonic() - first
+        if waited >= budget_s:
+            raise StorageUnreachable(
+                f"S3 endpoint {_endpoint_name()} unreachable: no connection for {waited:.0f} s "
+                f"({caught_exception}). Check that the server is running and that storage.s3_endpoint / "
+                f"AWS_ENDPOINT_URL names it (host and port); storage.unreachable_after_s = {budget_s:g} sets this "
+                "limit") from None
+        return min(CONNECT_RETRY_MAX_SLEEP_S, 0.2 * 2 ** attempts * random.uniform(0.5, 1.0), budget_s - waited)
+
+    return hook
 
 
 def client() -> Any:
     """A boto3 S3 client for the current endpoint, one per process (clients must not cross a fork)."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    cache_key = (os.getpid(), endpoint + "|" + os.environ.get("AWS_ACCESS_KEY_ID", ""))
+    budget_s = float(os.environ.get(UNREACHABLE_ENV) or DEFAULT_UNREACHABLE_AFTER_S)
+    cache_key = (os.getpid(), f"{endpoint}|{os.environ.get('AWS_ACCESS_KEY_ID', '')}|{budget_s}")
     with _clients_lock:
         if cache_key not in _clients:
             import boto3
             from botocore.config import Config as BotoConfig
 
             boto_cfg = BotoConfig(retries={"max_attempts": RETRY_ATTEMPTS, "mode": "adaptive"},
-                                  connect_timeout=10, read_timeout=120, max_pool_connections=32)
-            _clients[cache_key] = boto3.client("s3", endpoint_url=endpoint or None, config=boto_cfg)
+                                  connect_timeout=min(10.0, budget_s), read_timeout=120, max_pool_connections=32)
+            s3 = boto3.client("s3", endpoint_url=endpoint or None, config=boto_cfg)
+            s3.meta.events.register_first("needs-retry.s3", _bound_connection_retries(budget_s))
+            _clients[cache_key] = s3
         return _clients[cache_key]
 
 
@@ -135,6 +194,27 @@ def _atomic_local(path: str) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (Linux reports it in /proc; elsewhere set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_local(tmp: str, target: str) -> None:
+    """Rename a finished temp file or folder onto `target` with the mode a plain open() / mkdir would have given it
+    (0o666 / 0o777 less the umask): mkstemp and mkdtemp create owner-only entries that other accounts on shared
+    storage could not read."""
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~_umask())
+    os.replace(tmp, target)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -145,7 +225,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, uri)
+        publish_local(tmp, uri)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -168,7 +248,7 @@ def _atomic_copy(target: str, fill: Any) -> None:
     os.close(fd)
     try:
         fill(tmp)
-        os.replace(tmp, target)
+        publish_local(tmp, target)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -264,7 +344,7 @@ def _unlink_quietly(path: str) -> None:
 
 
 __all__ = [
-    "is_s3", "join", "split_s3", "use_endpoint", "s3_env", "client", "exists", "read_bytes", "open_read",
-    "write_bytes", "upload_file", "download_file", "read_text", "write_text", "read_json", "write_json",
-    "list_uris", "remove",
+    "is_s3", "join", "split_s3", "StorageUnreachable", "transient_errors", "use_endpoint", "s3_env", "client",
+    "exists", "read_bytes", "open_read", "write_bytes", "upload_file", "download_file", "read_text", "write_text",
+    "read_json", "write_json", "list_uris", "remove", "publish_local",
 ]

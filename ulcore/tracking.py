@@ -88,8 +88,28 @@ def client(uri: str | None = None) -> Any:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     key = uri or ""
     if key not in _CLIENTS:
-        _CLIENTS[key] = MlflowClient(tracking_uri=uri)
+        if key.startswith("sqlite:///"):  # two processes creating one database at once: all but one died in alembic
+            with _exclusive(key[len("sqlite:///"):] + ".lock"):
+                c = MlflowClient(tracking_uri=uri)
+                c.search_experiments(max_results=1)  # creates and migrates the schema, one process at a time
+        else:
+            c = MlflowClient(tracking_uri=uri)
+        _CLIENTS[key] = c
     return _CLIENTS[key]
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """Wait for an exclusive `flock` on `path` (released by the kernel if the holder dies)."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _client_for(run_id: str, uri: str | None) -> Any:

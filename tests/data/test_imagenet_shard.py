@@ -58,6 +58,10 @@ def test_counts_and_reasons(local_run):
     assert by_path["ILSVRC2012_val_00000099.JPEG"] == "missing"
     assert by_path["ILSVRC2012_val_00000050.JPEG"] == "unlabelled"
     assert storage.read_json(str(out / "data/shards/summary.json"))["splits"] == summary["splits"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "data" / "shards" / "train").iterdir():  # written by Ray tasks: no owner-only files
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_shards_readable_by_tarfile_and_webdataset(local_run):

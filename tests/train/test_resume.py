@@ -61,6 +61,10 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     assert f"resumed at {resumed_from} samples" in out
     steps_done = (320 - resumed_from) // 16
     assert f"finished at 320 samples: {steps_done} steps in this run" in out
+    # one line per event, and no tracebacks for what is not an error (another Ray on the machine included)
+    status = [line for line in out.splitlines() if "[stage1] [" in line or "[stage1] finished" in line]
+    assert len(status) == len(set(status)) == steps_done + 1, "\n".join(status)  # a status line per step
+    assert "Traceback" not in out and "Found multiple active Ray instances" not in out, out[-3000:]
     run_dir = next((tmp_path / "checkpoints").glob("stage1-*"))
     final = load_state(Path(latest_checkpoint(str(run_dir), json.loads(
         (tmp_path / "models" / "stage1" / "done.json").read_text())["digest"])))

@@ -1,5 +1,8 @@
 """Stage 1 -> encode -> stage 2 -> sample on the embedded data, 2 Ray Train workers, real MLflow (SQLite)."""
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -25,6 +28,36 @@ PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 pytestmark = pytest.mark.slow
 
 
+LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")  # Ray's servers bind IPv4-mapped addresses
+
+
+@contextlib.contextmanager
+def listening_sockets() -> Iterator[set[tuple[str, str]]]:
+    """(process name, local address) of every socket listening in this process and its descendants (the local
+    Ray instance and its workers), sampled every 0.1 s while the body runs."""
+    import psutil
+
+    seen: set[tuple[str, str]] = set()
+    stop = threading.Event()
+
+    def sample() -> None:
+        me = psutil.Process()
+        while not stop.wait(0.1):
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    for conn in proc.net_connections(kind="inet"):
+                        if conn.status == psutil.CONN_LISTEN:
+                            seen.add((proc.name(), f"{conn.laddr.ip}:{conn.laddr.port}"))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Run the training stages once for the module; tests read what they wrote."""
@@ -33,11 +66,20 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("ul")
     cfg = load_config(PARAMS, [*SMOKE, f"storage.root={root}"])
     shard = run_shard(cfg)
-    s1 = run_stage1(cfg)
+    with listening_sockets() as listeners:
+        s1 = run_stage1(cfg)
     enc = run_encode(cfg)
     s2 = run_stage2(cfg)
-    yield {"cfg": cfg, "root": root, "shard": shard, "stage1": s1, "encode": enc, "stage2": s2}
+    yield {"cfg": cfg, "root": root, "shard": shard, "stage1": s1, "encode": enc, "stage2": s2,
+           "stage1_listeners": listeners}
     ray.shutdown()
+
+
+def test_a_local_run_listens_on_loopback_only(pipeline):
+    listeners = pipeline["stage1_listeners"]
+    assert any(name.startswith("ray::RayTrainWo") for name, _ in listeners)  # the sampler saw the workers
+    exposed = sorted((name, addr) for name, addr in listeners if addr.rsplit(":", 1)[0] not in LOOPBACK)
+    assert exposed == [], f"listening beyond loopback during stage 1: {exposed}"
 
 
 def test_stage1_writes_models_metrics_and_registers(pipeline):

@@ -74,7 +74,7 @@ def _publish(staging: str, root: str, manifest: dict) -> None:
     if os.path.exists(root):
         shutil.rmtree(root)
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    os.replace(staging, root)
+    storage.publish_local(staging, root)
 
 
 def _staging_dir(root: str) -> str:

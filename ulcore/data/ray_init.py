@@ -1,4 +1,10 @@
-"""Connect to Ray once per process: the configured cluster, or a local one bound to loopback.
+"""Connect to Ray once per process: the cluster the user named, or a local instance of our own on 127.0.0.1.
+
+A cluster is joined only when asked for by name: `ray.address`, else the RAY_ADDRESS environment variable (how
+deployments pass it, infra/prefect.yaml). Without either, `ray.init(address="local")` starts a private instance:
+plain `ray.init()` would join whatever cluster the machine last started with `ray start` (Ray's "current cluster"
+file), even a dead one left by a crash, and warn about every other instance running on the machine. A named
+address that cannot be reached fails at once, naming it and where it came from. One line says which it was.
 
 A local `ray.init` on a closed machine needs three settings (research/stack.md §3): no auth token written to
 ~/.ray, every socket on 127.0.0.1 rather than the host's interface address, and no usage-stats reporting. They are
@@ -7,37 +13,80 @@ environment variables read at init time, so they are set here (without overridin
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
 
 from ulcore.config import RayConfig
-
-log = logging.getLogger(__name__)
 
 LOCAL_RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+# Read by the driver and handed to every Ray Train worker: Train's print patch sends a worker's print both to
+# stdout and to its logger when stdout is wrapped (it is, in a Ray worker), so every status line arrived twice.
+DRIVER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 LOCAL_OBJECT_STORE_BYTES = 2**30  # the default (30 % of RAM) is far more than sharding or tiny training needs
+REACH_TIMEOUT_S = 10.0  # a named cluster's head must accept a TCP connection within this
+
+
+def requested_address(ray_cfg: RayConfig) -> tuple[str, str]:
+    """(address, where it came from): `ray.address`, else RAY_ADDRESS, else ("", "") for a local instance."""
+    if ray_cfg.address:
+        return ray_cfg.address, "ray.address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return "", ""
+
+
+def _check_reachable(address: str, source: str) -> None:
+    """Fail in seconds, naming the address, instead of Ray's long reconnect loop on a dead head node."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"the Ray cluster at {address} (from {source}) is not reachable ({exc}): start it or fix {source}; "
+            f"leave both ray.address and RAY_ADDRESS empty to run on a local Ray instance") from None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ensure_ray(ray_cfg: RayConfig) -> None:
-    """`ray.init` unless already connected: `ray.address`, else RAY_ADDRESS, else a local cluster on 127.0.0.1."""
+    """`ray.init` unless already connected: the named cluster, else a local instance on 127.0.0.1."""
     import ray
+    from ray._private import ray_constants
 
+    for key, value in {**LOCAL_RAY_ENV, **DRIVER_ENV}.items():
+        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
+    address, source = requested_address(ray_cfg)
     if address:
-        log.info("connecting to the Ray cluster at %s", address)
+        _check_reachable(address, source)
         ray.init(address=address, log_to_driver=True)
+        print(f"[ray] joined the Ray cluster at {address} (from {source}): {ray.cluster_resources()}", flush=True)
         return
-    ray.init(num_cpus=ray_cfg.num_cpus or None, include_dashboard=True, dashboard_host="127.0.0.1",
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
-    log.info("started a local Ray cluster: %s", ray.cluster_resources())
+    # Ray Train's helper actors ask the state API about "the" cluster; without this address they pick the machine's
+    # latest `ray start` cluster or fail with "Found multiple active Ray instances" when others run. Workers inherit it.
+    dashboard_port = _free_loopback_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported; if that came before the setting above, this
+    # process would still give the instance the host's interface address and Ray would listen on all interfaces.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Spot-instance preemption cannot happen to a local instance; its watcher only logs a spurious "E" line.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address="local", num_cpus=ray_cfg.num_cpus or None, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=dashboard_port, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             log_to_driver=True)
+    print(f"[ray] started a local Ray instance (ray.address and RAY_ADDRESS are empty): "
+          f"{ray.cluster_resources().get('CPU', 0):g} CPUs", flush=True)
 
 
-__all__ = ["ensure_ray", "LOCAL_RAY_ENV"]
+__all__ = ["ensure_ray", "requested_address", "LOCAL_RAY_ENV"]

@@ -6,7 +6,9 @@ writes one shard. A shard is skipped on rerun when its stats JSON exists and rec
 (a hash of its inputs and the params that shape its bytes), so an interrupted run, rerun, finishes with exactly
 the samples of an uninterrupted one, and changed params rebuild only what they change. Bad inputs become
 rejects with a reason inside the task; only infrastructure failures (storage errors) fail a task, which Ray
-retries, and a shard still failing fails the stage after the other shards are done.
+retries when they may pass (OSError, botocore errors after botocore's own retries), and a shard still failing fails
+the stage after the other shards are done. An S3 endpoint that cannot be reached (storage.StorageUnreachable) is
+not retried: the stage stops at once with that one message.
 
     python -m ulcore.data.sharding [--params params.yaml] [--set data.source=embedded-video]
 """
@@ -128,7 +130,8 @@ def _run_jobs(cfg: Config, jobs: list[ShardJob]) -> tuple[list[dict], list[str]]
     from ulcore.data.ray_init import ensure_ray
 
     ensure_ray(cfg.ray)
-    task = ray.remote(build_shard).options(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=True)
+    task = ray.remote(build_shard).options(num_cpus=1, max_retries=TASK_RETRIES,
+                                           retry_exceptions=storage.transient_errors())
     env = storage.s3_env()
     queue = list(jobs)
     running: dict[Any, ShardJob] = {}
@@ -142,6 +145,10 @@ def _run_jobs(cfg: Config, jobs: list[ShardJob]) -> tuple[list[dict], list[str]]
         job = running.pop(ready[0])
         try:
             stats = ray.get(ready[0])
+        except storage.StorageUnreachable as exc:  # every other shard would wait out the same limit: stop now
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise storage.StorageUnreachable(str(getattr(exc, "cause", None) or exc)) from None
         except Exception as exc:  # after Ray's retries: report it, finish the rest, fail at the end
             failures.append(f"{job.uri}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}")
             log.error("shard %s failed: %s", job.uri, exc)
@@ -191,7 +198,7 @@ def summarise(cfg: Config, root: str, classes: list[dict], listing: dict[str, Li
 def run_shard(cfg: Config) -> dict[str, Any]:
     """The shard stage; idempotent. Returns the summary also written to data/shards/summary.json."""
     start = time.perf_counter()
-    storage.use_endpoint(cfg.storage.s3_endpoint)
+    storage.use_endpoint(cfg.storage.s3_endpoint, cfg.storage.unreachable_after_s)
     root = raw_root(cfg)
     if cfg.data.source not in IMAGE_SOURCES + VIDEO_SOURCES:
         raise ValueError(f"data.source = {cfg.data.source!r}: expected one of {IMAGE_SOURCES + VIDEO_SOURCES}")

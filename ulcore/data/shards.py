@@ -155,7 +155,7 @@ def write_shard(uri: str, samples: Iterable[dict[str, Any]], extra_stats: dict[s
         if storage.is_s3(uri):
             storage.upload_file(tmp, uri)
         else:
-            os.replace(tmp, uri)
+            storage.publish_local(tmp, uri)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

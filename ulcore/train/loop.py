@@ -213,11 +213,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
 def _check_resources(cfg: Config) -> None:
     """A local cluster cannot grow: fail now, naming the params, instead of waiting forever for workers."""
-    import os
-
     import ray
 
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    from ulcore.data.ray_init import requested_address
+
+    if requested_address(cfg.ray)[0]:
         return  # a real cluster may autoscale
     have = ray.cluster_resources()
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
@@ -239,7 +239,8 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ulcore.data.ray_init import ensure_ray
+    from ulcore.data.ray_init import ensure_ray, requested_address
+    from ulcore.train.process_group import BoundTorchConfig
 
     ensure_ray(cfg.ray)
     _check_resources(cfg)
@@ -258,6 +259,8 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
                 return FitResult(materialize(resume_from, local), {})
         trainer = TorchTrainer(
             worker_loop,
+            # a local run's process group listens on loopback only; on a cluster, on rank 0's Ray node IP
+            torch_config=BoundTorchConfig(bind_address="" if requested_address(cfg.ray)[0] else "127.0.0.1"),
             train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest,
                                "resume_from": resume_from, "mlflow_run_id": run_id,
                                "tracking_uri": tracking.tracking_uri(cfg), "driver_cwd": str(Path.cwd())},

@@ -1,0 +1,86 @@
+"""Which Ray a stage uses: its own local instance unless a cluster is named, whatever else runs on the machine.
+
+A real `ray start --head` cluster runs beside the test (in its own RAY_TMPDIR, so it writes Ray's "current
+cluster" file there without touching other Ray users of the machine), then is killed to leave a dead one behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ("import ray; from ulcore.config import RayConfig; from ulcore.data.ray_init import ensure_ray; "
+          "ensure_ray(RayConfig(num_cpus=1, address={address!r})); "
+          "print('GCS', ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
+
+
+def _driver(env: dict[str, str], address: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", DRIVER.format(address=address)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _start_head(env: dict[str, str], current: Path) -> subprocess.Popen:
+    """`ray start --head --block`; tried three times, as its raylet gets a fixed 30 s to register on a busy machine."""
+    for _ in range(3):
+        current.unlink(missing_ok=True)
+        head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                                 f"--port={free_port()}", "--num-cpus=1", "--include-dashboard=false",
+                                 f"--dashboard-agent-listen-port={free_port()}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while head.poll() is None and time.monotonic() < deadline:
+            if current.exists():
+                return head
+            time.sleep(0.5)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+    raise AssertionError("ray start --head did not come up in three tries")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_runs_ignore_other_and_dead_clusters_and_named_ones_fail_fast():
+    tmp = tempfile.mkdtemp(prefix="ulray", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_TMPDIR=tmp, PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    current = Path(tmp, "ray", "ray_current_cluster")
+    head = _start_head(env, current)
+    try:
+        head_address = current.read_text().strip()
+
+        live = _driver(env)
+        assert live.returncode == 0, live.stderr[-3000:]
+        assert "[ray] started a local Ray instance" in live.stdout
+        assert f"GCS {head_address}" not in live.stdout  # not hijacked by the machine's `ray start` cluster
+        assert "Found multiple active Ray instances" not in live.stdout + live.stderr
+
+        os.killpg(head.pid, signal.SIGKILL)  # a crash: the current-cluster file stays, pointing at nothing
+        head.wait(timeout=30)
+        time.sleep(1)
+        assert current.read_text().strip() == head_address
+        dead = _driver(env)
+        assert dead.returncode == 0, dead.stderr[-3000:]
+        assert "[ray] started a local Ray instance" in dead.stdout
+
+        started = time.monotonic()
+        named = _driver(env, address=head_address, timeout=60)
+        assert named.returncode != 0 and time.monotonic() - started < 45
+        assert f"the Ray cluster at {head_address} (from ray.address) is not reachable" in named.stderr
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
