@@ -171,7 +171,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # cluster to join ("" = RAY_ADDRESS if set, else a local instance of our own on 127.0.0.1)
+    address: str = ""  # cluster to join ("" = a local instance of our own on 127.0.0.1; RAY_ADDRESS is not read)
     num_workers: int = 1  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 2.0  # CPUs (and torch threads) per worker

@@ -67,6 +67,11 @@ def test_local_runs_ignore_other_and_dead_clusters_and_named_ones_fail_fast():
         assert f"GCS {head_address}" not in live.stdout  # not hijacked by the machine's `ray start` cluster
         assert "Found multiple active Ray instances" not in live.stdout + live.stderr
 
+        # RAY_ADDRESS is for `ray job` commands (make cluster's env file sets it): a stage joins only ray.address
+        beside = _driver({**env, "RAY_ADDRESS": head_address})
+        assert beside.returncode == 0, beside.stderr[-3000:]
+        assert "[ray] started a local Ray instance" in beside.stdout and f"GCS {head_address}" not in beside.stdout
+
         os.killpg(head.pid, signal.SIGKILL)  # a crash: the current-cluster file stays, pointing at nothing
         head.wait(timeout=30)
         time.sleep(1)

@@ -1,7 +1,8 @@
 """Connect to Ray once per process: the cluster the user named, or a local instance of our own on 127.0.0.1.
 
-A cluster is joined only when asked for by name: `ray.address`, else the RAY_ADDRESS environment variable (how
-deployments pass it, infra/prefect.yaml). Without either, `ray.init(address="local")` starts a private instance:
+A cluster is joined only when `ray.address` names it. RAY_ADDRESS in the environment is not a request to join: it
+is what Ray's `ray job` commands read (a cluster's Jobs API, e.g. `.cluster/env` of `make cluster`). Without
+`ray.address`, `ray.init(address="local")` starts a private instance:
 plain `ray.init()` would join whatever cluster the machine last started with `ray start` (Ray's "current cluster"
 file), even a dead one left by a crash, and warn about every other instance running on the machine. A named
 address that cannot be reached fails at once, naming it and where it came from. One line says which it was.
@@ -31,12 +32,8 @@ REACH_TIMEOUT_S = 10.0  # a named cluster's head must accept a TCP connection wi
 
 
 def requested_address(ray_cfg: RayConfig) -> tuple[str, str]:
-    """(address, where it came from): `ray.address`, else RAY_ADDRESS, else ("", "") for a local instance."""
-    if ray_cfg.address:
-        return ray_cfg.address, "ray.address"
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
-    return "", ""
+    """(address, where it came from): `ray.address`, or ("", "") for a local instance."""
+    return (ray_cfg.address, "ray.address") if ray_cfg.address else ("", "")
 
 
 def _check_reachable(address: str, source: str) -> None:
@@ -49,7 +46,7 @@ def _check_reachable(address: str, source: str) -> None:
     except OSError as exc:
         raise ConnectionError(
             f"the Ray cluster at {address} (from {source}) is not reachable ({exc}): start it or fix {source}; "
-            f"leave both ray.address and RAY_ADDRESS empty to run on a local Ray instance") from None
+            f"leave ray.address empty to run on a local Ray instance") from None
 
 
 def _free_loopback_port() -> int:
@@ -85,7 +82,7 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
     ray.init(address="local", num_cpus=ray_cfg.num_cpus or None, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=dashboard_port, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              log_to_driver=True)
-    print(f"[ray] started a local Ray instance (ray.address and RAY_ADDRESS are empty): "
+    print(f"[ray] started a local Ray instance (ray.address is empty): "
           f"{ray.cluster_resources().get('CPU', 0):g} CPUs", flush=True)
 
 
