@@ -155,3 +155,8 @@ def test_flow_entry_point_refuses_an_unknown_preset(tmp_path):
                            "--preset", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "preset = 'nope': unknown preset; allowed: tiny, tiny-video, imagenet512, kinetics600" in proc.stderr
+
+
+def test_grad_clip_mode_is_checked():
+    with pytest.raises(ConfigError, match=r"stage1.grad_clip_mode = 'median': must be one of absolute, relative"):
+        load_config(ROOT / "params.yaml", ["stage1.grad_clip_mode=median"])

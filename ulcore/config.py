@@ -105,7 +105,9 @@ class TrainConfig:
     warmup_samples: int = 2048  # linear warm-up length in samples seen
     total_samples: int = 16384  # training length in samples seen
     ema_halflife_samples: int = 1024  # EMA half-life in samples (edm2 style, batch-size independent)
-    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    grad_clip: float = 1.0  # absolute: the max global grad norm; relative: clip the norm at this multiple of its
+    # running mean (spikes only). The loss is in nats per example: its raw norm is in the thousands. 0 = off
+    grad_clip_mode: str = "absolute"  # absolute | relative (ulcore/train/clipping.py)
     log_every_samples: int = 1024  # metrics cadence; multiples of batch_size
     ckpt_every_samples: int = 4096  # full training-state checkpoint cadence
     keep_checkpoints: int = 2  # checkpoints retained
@@ -217,6 +219,8 @@ _CHOICES = {
     ("shard", "image_format"): ("png", "webp"),
     ("eval", "sampler"): ("ddim", "ancestral"),
     ("stage1", "precision"): ("auto", "bf16", "fp32"),
+    ("stage1", "grad_clip_mode"): ("absolute", "relative"),
+    ("stage2", "grad_clip_mode"): ("absolute", "relative"),
     ("stage2", "precision"): ("auto", "bf16", "fp32"),
 }
 
