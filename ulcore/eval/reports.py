@@ -124,20 +124,22 @@ def rate_distortion_points(client: Any, experiment: str, current: dict | None = 
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def quantity(key: str) -> str:
-    """The panel a metric belongs to: the held-out EMA value (`ema_` prefix) shares its training quantity's."""
-    return key.removeprefix("ema_")
+def quantity(row: dict) -> str:
+    """The panel a metric belongs to: its stage's objective or measure; the held-out EMA value (`ema_` prefix)
+    shares the panel of the training value it tracks."""
+    return f"{row['stage']} {row['key'].removeprefix('ema_')}"
 
 
 def loss_figure(rows: list[dict]) -> Any:
-    """One panel per quantity (loss, bits/pixel, PSNR, ...), one line per stage and metric: a nats-per-example loss
-    in the thousands and a bits/pixel below 1 never share an axis. Log y where values span > 2 decades."""
+    """One panel per quantity (each stage's loss, bits/pixel, PSNR, ...), a line each for the training and the
+    held-out EMA value: a nats-per-example loss in the thousands and a bits/pixel below 1 never share an axis.
+    Log y where values span > 2 decades."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({quantity(r["key"]) for r in rows}, key=lambda q: (q != "loss", q))
+    names = sorted({quantity(r) for r in rows}, key=lambda q: (q.split()[0], not q.endswith(" loss"), q))
     columns = min(3, len(names))
     grid_rows = math.ceil(len(names) / columns)
     fig, axes = plt.subplots(grid_rows, columns, figsize=(5 * columns, 3.6 * grid_rows), squeeze=False)
@@ -145,10 +147,10 @@ def loss_figure(rows: list[dict]) -> Any:
         fig.delaxes(ax)
     for ax, name in zip(axes.flat, names):
         values = []
-        for stage, key in sorted({(r["stage"], r["key"]) for r in rows if quantity(r["key"]) == name}):
-            pts = [(r["step"], r["value"]) for r in rows if r["stage"] == stage and r["key"] == key]
+        for key in sorted({r["key"] for r in rows if quantity(r) == name}):
+            pts = [(r["step"], r["value"]) for r in rows if quantity(r) == name and r["key"] == key]
             values += [v for _, v in pts]
-            label = f"{stage} {'held-out EMA' if key.startswith('ema_') else 'train'}"
+            label = "held-out EMA" if key.startswith("ema_") else "train"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, ms=3,
                     label=label)
         positive = [v for v in values if v > 0 and math.isfinite(v)]
