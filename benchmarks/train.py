@@ -16,6 +16,7 @@ import torch
 
 from _fixture import sharded_config  # benchmarks/ is sys.path[0] when run as a script
 from ulcore.train import stage1
+from ulcore.train.clipping import GradClipper
 from ulcore.train.loop import fit, run_digest
 
 
@@ -24,6 +25,7 @@ def bare_loop(cfg, samples: int) -> float:
     torch.manual_seed(0)
     objective = stage1.Stage1Objective(cfg)
     opt = torch.optim.AdamW(objective.parameters(), lr=cfg.stage1.lr)
+    clipper = GradClipper(cfg.stage1.grad_clip_mode, cfg.stage1.grad_clip)
     batches = stage1.train_batches(cfg, cfg.stage1.batch_size, 0, 1, 0)
     next(batches)
     start, seen, step = time.perf_counter(), 0, 0
@@ -32,7 +34,7 @@ def bare_loop(cfg, samples: int) -> float:
         loss = objective(batch, torch.Generator().manual_seed(step))["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.stage1.grad_clip)
+        clipper.clip_(objective.parameters())
         opt.step()
         seen += batch["x"].shape[0]
         step += 1

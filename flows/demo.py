@@ -72,7 +72,7 @@ def report(cfg: Config, result: dict[str, Any] | None) -> str:
         out += ["", f"DVC: {result.get('dvc')}; push: {result.get('dvc_push')}",
                 f"MLflow pipeline run: {result.get('mlflow_run_id')}"]
     out += ["", "Review runs, metrics, grids and registered models in the MLflow UI:",
-            f"  {tracking.ui_command(cfg)}", "  then open http://127.0.0.1:5000", ""]
+            f"  {tracking.ui_command(cfg)}", f"  then open {tracking.experiment_url(cfg)}", ""]
     return "\n".join(out)
 
 

@@ -131,3 +131,68 @@ def test_config_command_prints_resolved_yaml(tmp_path):
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["stage1"]["loss_factor"] == 1.7 and resolved["model"]["logsnr_0"] == 5.0
+
+
+def _shipped_params_with(tmp_path, old: str, new: str):
+    text = (ROOT / "params.yaml").read_text()
+    assert old in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_editing_only_preset_in_the_shipped_params_switches_to_video(tmp_path):
+    path = _shipped_params_with(tmp_path, "preset: tiny\n", "preset: tiny-video\n")
+    cfg = load_config(path)
+    assert cfg == load_config(None, ["preset=tiny-video"])
+    assert cfg.data.source == "embedded-video" and cfg.model.frames == cfg.video.frames == 8
+    check_model_matches_data(cfg)
+
+
+def test_shipped_params_pin_no_value_a_preset_sets():
+    """The rule that makes `preset:` alone switch presets: preset-dependent keys are written as null."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pinned = {f"{s}.{k}" for s, values in shipped.items() if isinstance(values, dict)
+              for k, v in values.items() if v is not None}
+    by_presets = {f"{s}.{k}" for preset in PRESETS.values() for s, values in preset.items() for k in values}
+    assert pinned and not pinned & by_presets
+
+
+def test_null_keeps_the_preset_value_and_a_written_value_overrides_it(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"preset": "imagenet512", "data": {"root": "/raw", "resolution": None},
+                                    "stage1": {"loss_factor": None, "decoder_bias": 0.5}}))
+    cfg = load_config(path)
+    assert cfg.stage1.loss_factor == 1.5 and cfg.data.resolution == 512  # the preset's
+    assert cfg.stage1.decoder_bias == 0.5  # written
+    path.write_text("stage1:\n  nope: null\n")
+    with pytest.raises(ConfigError, match=r"stage1.nope: unknown key"):
+        load_config(path)
+
+
+def test_set_preset_overrides_the_file_and_the_last_one_wins():
+    cfg = load_config(ROOT / "params.yaml", ["preset=imagenet512", "preset=tiny-video", "stage1.total_samples=1024"])
+    assert cfg.preset == "tiny-video" and cfg.model.frames == 8 and cfg.stage1.total_samples == 1024
+    with pytest.raises(ConfigError, match=r"--set 'preset=cifar': preset = 'cifar': unknown preset; allowed: tiny"):
+        load_config(ROOT / "params.yaml", ["preset=cifar"])
+
+
+def test_config_command_takes_preset_and_shows_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ulcore.cli", "config", "--params", str(ROOT / "params.yaml"),
+                           "--preset", "tiny-video"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["preset"] == "tiny-video" and resolved["data"]["source"] == "embedded-video"
+    assert resolved["model"]["frames"] == 8
+
+
+def test_flow_entry_point_refuses_an_unknown_preset(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flows.stage1", "--params", str(ROOT / "params.yaml"),
+                           "--preset", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "preset = 'nope': unknown preset; allowed: tiny, tiny-video, imagenet512, kinetics600" in proc.stderr
+
+
+def test_grad_clip_mode_is_checked():
+    with pytest.raises(ConfigError, match=r"stage1.grad_clip_mode = 'median': must be one of absolute, relative"):
+        load_config(ROOT / "params.yaml", ["stage1.grad_clip_mode=median"])

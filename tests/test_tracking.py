@@ -118,6 +118,42 @@ def test_stage_run_nesting_params_metrics_artifacts(cfg, store, tmp_path, monkey
     assert c.get_run(parent).data.tags["stage"] == "pipeline"
 
 
+def test_experiment_opens_as_model_training_with_review_columns_and_named_runs(cfg):
+    """MLflow 3's UI opens a GenAI overview unless told otherwise: the experiment kind tag, a saved runs-table
+    view with the review columns, links that open it, and run names that say what ran."""
+    import json
+
+    with tracking.pipeline_run(cfg) as parent:
+        with tracking.stage_run(cfg, "stage1") as run_id:
+            pass
+    c = tracking.client(tracking.tracking_uri(cfg))
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.ul-review"])
+    assert view["selectedColumns"] == view["columnOrder"] == [
+        "attributes.`Duration`", "metrics.`bits_per_pixel_prior`", "metrics.`psnr`", "metrics.`gfid`",
+        "metrics.`rfid`"]
+    assert c.get_run(parent).info.run_name == "pipeline tiny c_lf=3.0 b=2"
+    assert c.get_run(run_id).info.run_name == "stage1 tiny c_lf=3.0 b=2"
+    assert tracking.experiment_url(cfg) == (f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+                                            "?workflowType=machine_learning&viewStateShareKey=ul-review")
+    assert tracking.run_url(run_id).endswith(f"/runs/{run_id}?workflowType=machine_learning")
+
+
+def test_experiments_made_by_earlier_versions_get_the_tags(cfg):
+    c = tracking.client(tracking.tracking_uri(cfg))
+    old = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="made-before"))
+    mine = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="kind-set-by-hand"))
+    c.create_experiment("made-before")
+    c.create_experiment("kind-set-by-hand", tags={"mlflow.experimentKind": "finetuning"})
+    for config in (old, mine):
+        with tracking.stage_run(config, "stage2"):
+            pass
+    assert c.get_experiment_by_name("made-before").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.sharedViewState.ul-review" in c.get_experiment_by_name("made-before").tags
+    assert c.get_experiment_by_name("kind-set-by-hand").tags["mlflow.experimentKind"] == "finetuning"
+
+
 def test_failed_stage_run_is_marked_failed(cfg):
     with pytest.raises(RuntimeError, match="boom"):
         with tracking.stage_run(cfg, "stage2") as run_id:

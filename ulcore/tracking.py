@@ -38,6 +38,16 @@ FLOW_RUN_ENV = "UL_PREFECT_FLOW_RUN_ID"  # set by flows/ so ulcore needs no Pref
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_TAG_VALUE = 8000
 MODEL_ARTIFACT = "model"  # artifact folder of a registered pyfunc model inside its run
+# MLflow 3 opens an experiment on its GenAI overview (traces, token usage) unless it is a model-training one: the
+# experiment tag below says so (the UI's "Machine learning" kind), and links carry the UI's workflow type.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"
+# The runs table's default columns: a view saved on the experiment (the UI's "share view" tag), opened by links.
+VIEW_KEY = "ul-review"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+REVIEW_METRICS = ("bits_per_pixel_prior", "psnr", "gfid", "rfid")  # the evaluate run's, also on the pipeline run
+REVIEW_COLUMNS = ("attributes.`Duration`", *(f"metrics.`{m}`" for m in REVIEW_METRICS))
 
 
 # ---------------------------------------------------------------------------------------------- where runs go
@@ -116,19 +126,30 @@ def _client_for(run_id: str, uri: str | None) -> Any:
     return client(uri or _RUN_URIS.get(run_id))
 
 
+def experiment_tags() -> dict[str, str]:
+    """Tags that make the MLflow UI a model-training review: the experiment kind and the runs-table view."""
+    import json
+
+    view = {"selectedColumns": list(REVIEW_COLUMNS), "columnOrder": list(REVIEW_COLUMNS),
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: json.dumps(view)}
+
+
 def _experiment_id(c: Any, name: str, location: str | None) -> str:
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except Exception:  # another process created it between the lookup and here
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(name, artifact_location=location, tags=experiment_tags())
+        except Exception:  # another process created it between the lookup and here
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    for key, value in experiment_tags().items():  # experiments made by earlier versions get them too; a kind
+        if key == VIEW_TAG and exp.tags.get(key) != value or key not in exp.tags:  # set by hand is kept
+            c.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 # ---------------------------------------------------------------------------------------------- lineage
@@ -178,6 +199,11 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def run_name(cfg: Config, stage: str) -> str:
+    """What the runs table shows: the stage, the preset and the two stage-1 knobs that set the latent's rate."""
+    return f"{stage} {cfg.preset} c_lf={cfg.stage1.loss_factor} b={cfg.stage1.decoder_bias:g}"
+
+
 def lineage_tags(cfg: Config, stage: str) -> dict[str, str]:
     commit = git_commit()
     tags = {
@@ -188,7 +214,7 @@ def lineage_tags(cfg: Config, stage: str) -> dict[str, str]:
         "dvc_lock_sha256": dvc_lock_hash(),
         "prefect_flow_run_id": prefect_flow_run_id(),
         "storage_root": cfg.storage.root,
-        "mlflow.runName": stage,
+        "mlflow.runName": run_name(cfg, stage),
         "mlflow.source.type": "JOB",
     }
     if commit != "unknown":
@@ -218,7 +244,7 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str]:
     parent = os.environ.get(PARENT_ENV, "")
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = c.create_run(exp_id, run_name=stage, tags=tags)
+    run = c.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
     run_id = run.info.run_id
     _RUN_URIS[run_id] = uri
     params = flatten_params({"preset": cfg.preset, **cfg.to_dict()})
@@ -262,9 +288,19 @@ def run_url(run_id: str, tracking_uri: str | None = None) -> str:
     """A link to the run: the server's UI page, or the `mlflow ui` page for a local SQLite store."""
     c = _client_for(run_id, tracking_uri)
     exp_id = c.get_run(run_id).info.experiment_id
-    uri = c.tracking_uri
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"{_ui_base(c.tracking_uri)}/#/experiments/{exp_id}/runs/{run_id}?{UI_QUERY}"
+
+
+def _ui_base(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def experiment_url(cfg: Config) -> str:
+    """The experiment's runs table with the review columns (the saved view), as a model-training experiment."""
+    uri = tracking_uri(cfg)
+    c = client(uri)
+    exp_id = _experiment_id(c, cfg.tracking.experiment, artifact_location(cfg))
+    return f"{_ui_base(uri)}/#/experiments/{exp_id}/runs?{UI_QUERY}&viewStateShareKey={VIEW_KEY}"
 
 
 def ui_command(cfg: Config) -> str:
@@ -400,7 +436,8 @@ def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str,
 
 
 __all__ = [
-    "tracking_uri", "artifact_location", "client", "stage_run", "pipeline_run", "run_url", "ui_command",
+    "tracking_uri", "artifact_location", "client", "stage_run", "pipeline_run", "run_url", "experiment_url",
+    "ui_command", "run_name", "experiment_tags",
     "log_metrics", "log_image", "log_artifact", "log_figure", "register_model", "SafetensorsBundle",
     "flatten_params", "lineage_tags", "git_commit", "dvc_lock_hash", "prefect_flow_run_id", "PARENT_ENV",
     "FLOW_RUN_ENV",

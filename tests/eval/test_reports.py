@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import torch
 
-from ulcore.eval.reports import image_grid, paired_grid, write_reports
+from ulcore.eval.reports import image_grid, loss_figure, paired_grid, write_reports
 
 
 def test_image_grid_layout():
@@ -50,3 +50,26 @@ def test_reports_from_mlflow_history(tmp_path):
     rd = list(csv.DictReader(open(written["rate_distortion.csv"])))
     assert sorted(float(r["psnr"]) for r in rd) == [20.0, 24.0, 28.0]
     assert (tmp_path / "plots" / "rate_distortion.png").stat().st_size > 1000
+
+
+def test_loss_figure_has_one_panel_per_quantity_with_log_scale_over_two_decades():
+    """A loss in the thousands and a bits/pixel below 1 on one axis flattened the bits/pixel line at zero."""
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for i, step in enumerate(range(1024, 8193, 1024)):
+        rows += [{"stage": "stage1", "key": "loss", "step": step, "value": 9000.0 / 10 ** (i * 0.5)},  # 3.5 decades
+                 {"stage": "stage1", "key": "bits_per_pixel", "step": step, "value": 0.8 - 0.08 * i},
+                 {"stage": "stage1", "key": "ema_bits_per_pixel", "step": step, "value": 0.7 - 0.07 * i},
+                 {"stage": "stage1", "key": "ema_psnr", "step": step, "value": 10.0 + i},
+                 {"stage": "stage2", "key": "loss", "step": step, "value": 400.0 - 10 * i}]
+    fig = loss_figure(rows)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == ["stage1 loss", "stage1 bits_per_pixel", "stage1 psnr", "stage2 loss"]
+    assert panels["stage1 loss"].get_yscale() == "log" and panels["stage2 loss"].get_yscale() == "linear"
+    assert panels["stage1 bits_per_pixel"].get_yscale() == "linear" and panels["stage1 psnr"].get_yscale() == "linear"
+    assert sorted(t.get_text() for t in panels["stage1 bits_per_pixel"].get_legend().get_texts()) == [
+        "held-out EMA", "train"]
+    low, high = panels["stage1 bits_per_pixel"].get_ylim()
+    assert high < 1.0  # the axis is the bits/pixel's own, not the loss's thousands
+    plt.close(fig)

@@ -86,7 +86,8 @@ def test_state_round_trip_restores_model_ema_and_optimiser(tmp_path):
         opt.step()
         ema.update(model, 4)
     save_state(tmp_path, model=model, ema=ema.module, optimizer=opt, scheduler=sched,
-               progress=Progress(samples=12, step=3), config_yaml="x: 1\n", digest="d")
+               progress=Progress(samples=12, step=3), grad_clip={"running_norm": 2.5, "clipped_steps": 1},
+               config_yaml="x: 1\n", digest="d")
     state = load_state(tmp_path)
     model2 = torch.nn.Linear(3, 2)
     model2.load_state_dict(state["model"])
@@ -97,6 +98,7 @@ def test_state_round_trip_restores_model_ema_and_optimiser(tmp_path):
     assert not torch.equal(ema.module.weight, model.weight)  # the EMA lags the model
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert (state["samples"], state["step"]) == (12, 3)
+    assert state["grad_clip"] == {"running_norm": 2.5, "clipped_steps": 1}
     assert latest_checkpoint(str(tmp_path.parent), "d") == str(tmp_path)
     assert latest_checkpoint(str(tmp_path.parent), "other") is None
 

@@ -90,6 +90,7 @@ def test_stage1_writes_models_metrics_and_registers(pipeline):
     assert metrics["samples"] == 64 and metrics["steps"] == 4
     assert metrics["bits_per_pixel"] > 0 and 0 < metrics["psnr"] < 60
     assert metrics["bits_per_subpixel"] == pytest.approx(metrics["bits_per_pixel"] / 3)
+    assert 0 <= metrics["clip_fraction"] <= 1  # share of the run's steps whose gradient was clipped
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     client = MlflowClient()
     run = client.get_run(metrics["mlflow_run_id"])
@@ -97,7 +98,7 @@ def test_stage1_writes_models_metrics_and_registers(pipeline):
     history = client.get_metric_history(run.info.run_id, "prior_diffusion")
     assert [m.step for m in history] == [16, 32, 48, 64]
     assert {"decoder", "prior_kl_1", "ema_psnr", "final_bits_per_pixel", "final_bits_per_subpixel",
-            "bits_per_subpixel"} <= set(run.data.metrics)
+            "bits_per_subpixel", "clip_fraction", "grad_norm"} <= set(run.data.metrics)
     for name in ("encoder", "decoder", "prior"):
         version = client.get_model_version_by_alias(f"ul-{name}", cfg.tracking.alias)
         assert version.run_id == run.info.run_id

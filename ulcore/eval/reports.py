@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-LOSS_HINTS = ("loss", "elbo", "bits", "bpp", "nats")  # metric keys whose history is drawn as a loss curve
+LOSS_HINTS = ("loss", "elbo", "bits", "bpp", "nats", "psnr")  # metric keys whose history is drawn as a curve
+LOG_SCALE_DECADES = 2.0  # a panel whose positive values span more than this many decades gets a log axis
 
 
 def image_grid(images: torch.Tensor | np.ndarray, *, columns: int | None = None, pad: int = 1) -> np.ndarray:
@@ -95,8 +96,8 @@ def loss_histories(client: Any, experiment: str, stages: tuple[str, ...] = ("sta
         if run is None:
             continue
         for key in sorted(run.data.metrics):
-            if not any(h in key.lower() for h in LOSS_HINTS):
-                continue
+            if key.startswith("final_") or not any(h in key.lower() for h in LOSS_HINTS):
+                continue  # final_* are one-point summaries of the run (metrics/<stage>.json has them)
             for m in client.get_metric_history(run.info.run_id, key):
                 rows.append({"stage": stage, "run_id": run.info.run_id, "key": key, "step": m.step, "value": m.value})
     rows.sort(key=lambda r: (r["stage"], r["key"], r["step"]))
@@ -123,27 +124,53 @@ def rate_distortion_points(client: Any, experiment: str, current: dict | None = 
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def plot_losses(rows: list[dict], png: str | Path) -> bool:
-    """One panel per stage, one line per metric key; False (no file) when there is no history."""
-    if not rows:
-        return False
+def quantity(row: dict) -> str:
+    """The panel a metric belongs to: its stage's objective or measure; the held-out EMA value (`ema_` prefix)
+    shares the panel of the training value it tracks."""
+    return f"{row['stage']} {row['key'].removeprefix('ema_')}"
+
+
+def loss_figure(rows: list[dict]) -> Any:
+    """One panel per quantity (each stage's loss, bits/pixel, PSNR, ...), a line each for the training and the
+    held-out EMA value: a nats-per-example loss in the thousands and a bits/pixel below 1 never share an axis.
+    Log y where values span > 2 decades."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = sorted({r["stage"] for r in rows})
-    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        for key in sorted({r["key"] for r in rows if r["stage"] == stage}):
-            pts = [(r["step"], r["value"]) for r in rows if r["stage"] == stage and r["key"] == key]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
-        ax.set_title(f"{stage} (latest run)")
+    names = sorted({quantity(r) for r in rows}, key=lambda q: (q.split()[0], not q.endswith(" loss"), q))
+    columns = min(3, len(names))
+    grid_rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(5 * columns, 3.6 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        fig.delaxes(ax)
+    for ax, name in zip(axes.flat, names):
+        values = []
+        for key in sorted({r["key"] for r in rows if quantity(r) == name}):
+            pts = [(r["step"], r["value"]) for r in rows if quantity(r) == name and r["key"] == key]
+            values += [v for _, v in pts]
+            label = "held-out EMA" if key.startswith("ema_") else "train"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, ms=3,
+                    label=label)
+        positive = [v for v in values if v > 0 and math.isfinite(v)]
+        if len(positive) == len(values) and positive and math.log10(max(positive) / min(positive)) > LOG_SCALE_DECADES:
+            ax.set_yscale("log")
+        ax.set_title(name)
         ax.set_xlabel("samples seen")
-        ax.set_ylabel("value")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(rows: list[dict], png: str | Path) -> bool:
+    """Write loss_figure(rows) as a PNG; False (no file) when there is no history."""
+    if not rows:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(rows)
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -198,4 +225,4 @@ def write_reports(client: Any, experiment: str, out_dir: str | Path, current: di
 
 
 __all__ = ["image_grid", "paired_grid", "save_png", "write_csv", "loss_histories", "rate_distortion_points",
-           "plot_losses", "plot_rate_distortion", "write_reports"]
+           "quantity", "loss_figure", "plot_losses", "plot_rate_distortion", "write_reports"]

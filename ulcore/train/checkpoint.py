@@ -33,7 +33,8 @@ class Progress:
 
 
 def save_state(folder: Path, *, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: Any, progress: Progress, config_yaml: str, digest: str) -> None:
+               scheduler: Any, progress: Progress, grad_clip: dict[str, float], config_yaml: str,
+               digest: str) -> None:
     """Write state.pt + meta.json + config.yaml into `folder` (a fresh temp folder handed to Ray)."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {
@@ -44,6 +45,7 @@ def save_state(folder: Path, *, model: torch.nn.Module, ema: torch.nn.Module, op
         "samples": progress.samples,
         "step": progress.step,
         "bad_steps": progress.bad_steps,
+        "grad_clip": grad_clip,  # the clipper's running norm and clipped-step count (ulcore/train/clipping.py)
         "torch_rng": torch.get_rng_state(),
     }
     torch.save(state, folder / STATE_FILE)

@@ -28,6 +28,7 @@ from ulcore import storage, tracking
 from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
 from ulcore.errors import first_non_retryable
 from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
+from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
 from ulcore.train.precision import autocast, resolve_precision
 
@@ -132,6 +133,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     ema = EMA(objective, t.ema_halflife_samples)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step * t.batch_size, t))
+    clipper = GradClipper(t.grad_clip_mode, t.grad_clip)
     progress = Progress(samples=0, step=0)
 
     resume_uri = loop_config.get("resume_from")  # the driver's pick, checked intact (not Ray's newest, unchecked)
@@ -143,6 +145,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if "grad_clip" in state:  # checkpoints written before relative clipping start its running norm afresh
+            clipper.load_state_dict(state["grad_clip"])
         progress = Progress(samples=int(state["samples"]), step=int(state["step"]), bad_steps=int(state["bad_steps"]))
         if rank == 0:
             print(f"[{spec.name}] resumed at {progress.samples} samples (step {progress.step})", flush=True)
@@ -172,15 +176,15 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = (nn.utils.clip_grad_norm_(objective.parameters(), t.grad_clip) if t.grad_clip > 0
-                     else torch.tensor(0.0))
+        grad_norm, clipped = clipper.clip_(objective.parameters())  # DDP: the same all-reduced norm on every rank
         optimizer.step()
         scheduler.step()
         ema.update(objective, t.batch_size)
         progress = Progress(progress.samples + t.batch_size, progress.step + 1, 0)
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach().float().mean())
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+        sums["clip_fraction"] = sums.get("clip_fraction", 0.0) + float(clipped)  # share of the interval's steps
         count += 1
 
         at_log = progress.samples % t.log_every_samples == 0 or progress.samples >= t.total_samples
@@ -203,7 +207,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             ckpt = None
             if at_ckpt and rank == 0:
                 save_state(Path(tmp), model=objective, ema=ema.module, optimizer=optimizer, scheduler=scheduler,
-                           progress=progress, config_yaml=cfg.to_yaml(), digest=loop_config["digest"])
+                           progress=progress, grad_clip=clipper.state_dict(), config_yaml=cfg.to_yaml(),
+                           digest=loop_config["digest"])
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
     if rank == 0:
@@ -328,6 +333,8 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         metrics.update(samples=int(state["samples"]), steps=int(state["step"]),
                        wall_seconds=time.perf_counter() - started,
                        **{k: int(fitted.metrics.get(k, 0)) for k in DATA_ERROR_KEYS})
+        if "grad_clip" in state:  # share of the run's steps whose gradient was clipped
+            metrics["clip_fraction"] = state["grad_clip"]["clipped_steps"] / max(int(state["step"]), 1)
         tracking.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()}, step=int(state["samples"]))
         files = export_modules(export(cfg, ema), cfg, out)
         versions = {name: tracking.register_model(run_id, f"{cfg.tracking.model_prefix}-{name}",
