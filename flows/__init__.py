@@ -1,4 +1,4 @@
-"""Prefect flows: one thin flow per pipeline stage plus `ul`, the whole pipeline (DESIGN.md §3).
+"""Prefect flows: one thin flow per pipeline stage plus `ul`, the whole pipeline (docs/design.md §2).
 
 Importing this package sets the closed-network defaults every service needs (before Prefect, Ray or MLflow
 are imported); a value already in the environment wins.

@@ -1,4 +1,4 @@
-"""The Prefect <-> DVC contract (DESIGN.md §3): after the `ul` flow finishes, `dvc status` is clean.
+"""The Prefect <-> DVC contract (docs/design.md §4): after the `ul` flow finishes, `dvc status` is clean.
 
 A stage run through Prefect executes the same code `dvc repro` would; afterwards the flow records what it
 produced with `dvc commit -f <stage>` (hashes deps, params and outs into dvc.lock and the DVC cache) and, at the

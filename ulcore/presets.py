@@ -1,7 +1,7 @@
 """Named presets: overlays on the dataclass defaults of ulcore.config, picked by `preset:` in params.yaml.
 
 `tiny` (the defaults) trains on a 2-core CPU in minutes; `tiny-video` is its clip counterpart; `imagenet512` and
-`kinetics600` are the paper-scale settings (sizes follow ul_method.md §5, UL §5.1 and §5.7).
+`kinetics600` are the paper-scale settings (sizes follow UL §5.1 and §5.7; docs/method.md §10, D9).
 """
 
 from __future__ import annotations

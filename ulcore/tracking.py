@@ -2,7 +2,7 @@
 
 Everything goes through `MlflowClient` with an explicit run id, never through MLflow's "active run", so the
 same calls work in the driver, in a Ray Train worker (given the run id and the tracking URI) and inside a
-Prefect flow. Lineage (DESIGN.md §3): every run carries the git commit, the `dvc.lock` hash, the Prefect
+Prefect flow. Lineage (docs/design.md §4): every run carries the git commit, the `dvc.lock` hash, the Prefect
 flow-run id, the stage, the preset, the config digest and the params flattened as `section.key`, so any number
 on the MLflow UI leads back to the exact code, data and settings.
 

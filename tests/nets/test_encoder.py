@@ -35,7 +35,7 @@ def test_encoder_rejects_wrong_layout(m):
 
 
 def test_initial_latent_scale_is_moderate(m):
-    # no output normalisation (ul_method §10 #11), but z_clean starts well above σ₀ ≈ 0.08 and near std 1
+    # no output normalisation (docs/method.md §10, D6), but z_clean starts well above σ₀ ≈ 0.08 and near std 1
     torch.manual_seed(0)
     z = build_encoder(m)(pixels(m, 8))
     assert 0.4 < z.std().item() < 2.0

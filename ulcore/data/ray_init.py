@@ -7,7 +7,7 @@ plain `ray.init()` would join whatever cluster the machine last started with `ra
 file), even a dead one left by a crash, and warn about every other instance running on the machine. A named
 address that cannot be reached fails at once, naming it and where it came from. One line says which it was.
 
-A local `ray.init` on a closed machine needs three settings (research/stack.md §3): no auth token written to
+A local `ray.init` on a closed machine needs three settings (docs/design.md §5): no auth token written to
 ~/.ray, every socket on 127.0.0.1 rather than the host's interface address, and no usage-stats reporting. They are
 environment variables read at init time, so they are set here (without overriding a value the user chose).
 """

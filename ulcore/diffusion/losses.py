@@ -1,9 +1,9 @@
-"""The three UL objectives as pure functions returning per-example terms in nats (ul_method.md §4.3-4.7).
+"""The three UL objectives as pure functions returning per-example terms in nats (docs/method.md §4-§8).
 
-All diffusion nets predict v (ul_method.md §10 #7); losses are written on the ε-MSE, using
+All diffusion nets predict v (docs/method.md §10, D3); losses are written on the ε-MSE, using
 ‖ε − ε̂‖² = e^λ ‖x − x̂‖² = α² ‖v − v̂‖².  ‖·‖² sums over every dimension of one example: reducing each term
-by its own mean would rescale the loss factor by D_x / D_z (§4.6). Reduction over the batch happens once, at the
-caller.
+by its own mean would rescale the loss factor by D_x / D_z (docs/method.md §7). Reduction over the batch happens
+once, at the caller.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def encode_noise(z_clean: Tensor, logsnr_0: float, eps_z: Tensor) -> Tensor:
 
 
 def kl_prior_1(z_clean: Tensor, logsnr_1: float) -> Tensor:
-    """KL(N(α_1 z, σ_1² I) ‖ N(0, I)) = ½ Σ_i (α_1² z_i² + σ_1² − 1 − log σ_1²), per example (ul_method §4.3)."""
+    """KL(N(α_1 z, σ_1² I) ‖ N(0, I)) = ½ Σ_i (α_1² z_i² + σ_1² − 1 − log σ_1²), per example (docs/method.md (M8))."""
     lam = torch.tensor(float(logsnr_1), dtype=torch.float64)
     a2, s2 = torch.sigmoid(lam).item(), torch.sigmoid(-lam).item()
     const = s2 - 1.0 - math.log(s2)
@@ -82,7 +82,7 @@ def diffusion_elbo(net: VelocityFn, z_clean: Tensor, t: Tensor, eps: Tensor, sch
     E_t[½ (−dλ/dt) ‖ε − ε̂(z_t, t)‖²] + KL₁ (UL Eq. 3; the prior's KL term and the base model's bitrate).
 
     The regression target is z_clean (not z_0); there is no reconstruction term because the prior only models
-    down to z_0, whose entropy the forward process already contains (ul_method §4.3).
+    down to z_0, whose entropy the forward process already contains (docs/method.md §4).
     """
     lam = schedule.logsnr(t)
     alpha, sigma = alpha_sigma(lam)

@@ -2,7 +2,7 @@
 
 A sampler is `sampler(model, z, logsnrs, noise, impose=None) -> z_end` where `model(z, λ) -> v̂`, `logsnrs` is the
 increasing grid of log-SNRs to visit (starting at the noise level of `z`), `noise(step) -> ε` returns per-sample
-fresh noise, so a sample depends only on its own seed, never on the batch it was drawn in (STYLE habit 8), and
+fresh noise, so a sample depends only on its own seed, never on the batch it was drawn in, and
 `impose(z, λ) -> z` (optional) sets known coordinates of every state the sampler visits, the initial one included.
 
 Video frame prediction (the Kinetics-600 protocol, UL §5.7 after Ho et al. 2022) is training-free "replacement"

@@ -1,6 +1,6 @@
 """Log-SNR noise schedules for variance-preserving diffusion (VDM, Kingma et al. 2021; simple diffusion).
 
-Conventions (ul_method.md §2): x_t = α_t x + σ_t ε, α² + σ² = 1, λ = log(α²/σ²) decreasing in t ∈ [0, 1],
+Conventions (docs/method.md §1, (M1)): x_t = α_t x + σ_t ε, α² + σ² = 1, λ = log(α²/σ²) decreasing in t ∈ [0, 1],
 so α² = sigmoid(λ) and σ² = sigmoid(−λ). Only the endpoints λ(0), λ(1) enter the continuous ELBO; the shape
 between them only changes the Monte-Carlo variance (VDM §5.1).
 """

@@ -1,6 +1,6 @@
-"""The diffusion decoder D_θ: p(x | z_0) (UL §3.2, §5.1; ul_method.md §4.5, §5, §10 #6).
+"""The diffusion decoder D_θ: p(x | z_0) (UL §3.2, §5.1; docs/method.md §6, §10).
 
-forward(x_t, logsnr, z0) -> v̂ with v = α ε − σ x (v-parameterisation, ul_method.md §10 #7).
+forward(x_t, logsnr, z0) -> v̂ with v = α ε − σ x (v-parameterisation, docs/method.md §10, D3).
 
 A U-ViT (Hoogeboom et al. 2023/2024): 2×2 space-to-depth patching -> conv residual levels
 m.decoder_channels (m.decoder_blocks FiLM-conditioned blocks each, a strided 2× downsample between levels)
@@ -8,7 +8,7 @@ m.decoder_channels (m.decoder_blocks FiLM-conditioned blocks each, a strided 2×
 mirrored up path, each block taking the matching down-path activation as a skip -> a zero-initialised
 conv and depth-to-space (v̂ = 0 at init). Dropout m.dropout in every block.
 
-z_0 enters twice (ul_method.md §10 #6): linearly projected and added to the middle transformer's tokens
+z_0 enters twice (docs/method.md §10, D4): linearly projected and added to the middle transformer's tokens
 (nearest-upsampled when the inner grid is finer than the latent grid; config validation forbids coarser),
 and nearest-upsampled to the patched input resolution and concatenated to the patched x_t. The decoder has
 no class conditioning (the paper's decoder is not text/class conditioned).

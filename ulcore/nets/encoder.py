@@ -1,10 +1,10 @@
-"""The deterministic encoder E_θ: x -> z_clean (UL §3.1, §5.1; ul_method.md §4.2, §5).
+"""The deterministic encoder E_θ: x -> z_clean (UL §3.1, §5.1; docs/method.md §3, §10).
 
 A ResNet: 2×2 space-to-depth patching (m.patch_size), one stage per m.encoder_channels entry with
 m.encoder_blocks residual blocks (GroupNorm + SiLU), a strided 2× downsample between stages, and a final
 GN-SiLU-conv projection to m.latent_channels. Spatial factor d = m.downsample = patch · 2^(stages-1).
 
-No output normalisation (ul_method.md §10 #11): the prior's KL term prices the latent's scale. The output
+No output normalisation (docs/method.md §10, D6): the prior's KL term prices the latent's scale. The output
 conv is initialised so that z_clean starts with std ≈ 1, i.e. well above the fixed encoding noise σ₀ ≈ 0.08.
 
 Video (m.frames > 1): the same net with 3D convolutions. The temporal factor m.temporal_downsample is spread

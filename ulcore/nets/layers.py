@@ -4,8 +4,8 @@ Every block is written once for images and video: `dims` = 2 means tensors (B, C
 (B, C, T, H, W). Convolutions keep time and space separate in their kernel sizes so that a 2D net and its
 video twin are the same code. Transformers see a grid flattened to tokens (B, N, D) with N = (T·)h·w.
 
-Noise level conditioning is an embedding of the log-SNR λ (ul_method.md §5 "Noise-level conditioning",
-§10): Fourier features of λ / 20, so that the whole range λ ∈ [-20, 20] used by every schedule maps to
+Noise level conditioning is an embedding of the log-SNR λ (docs/method.md §10,
+D8): Fourier features of λ / 20, so that the whole range λ ∈ [-20, 20] used by every schedule maps to
 [-1, 1], followed by an MLP; the result drives FiLM in conv blocks and adaLN-zero in transformer blocks.
 All ops are autocast friendly (linear, conv, scaled_dot_product_attention in bf16; norms in fp32).
 

@@ -1,7 +1,7 @@
 """Diffusion ViTs on the latent grid: the stage-1 prior and the stage-2 base model (UL §2, §3.3, §5.1;
-ul_method.md §4.3, §4.7, §5).
+docs/method.md §4, §8, §10).
 
-Both predict v = α ε − σ z_clean (v-parameterisation, ul_method.md §10 #7); the loss code converts
+Both predict v = α ε − σ z_clean (v-parameterisation, docs/method.md §10, D3); the loss code converts
 v̂ to ε̂ = σ z_t + α v̂ and ẑ = α z_t − σ v̂. Both work at patch size 1 on the latent grid (h, w) or, for
 video, on spatio-temporal tokens (T', h, w), with fixed sin-cos position embeddings (any grid size),
 adaLN-zero blocks conditioned on an embedding of λ, and a zero-initialised output (v̂ = 0 at init).

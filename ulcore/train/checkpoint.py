@@ -1,4 +1,4 @@
-"""Full training state on disk: model, EMA, optimiser, scheduler, progress, RNG (STYLE habit 5).
+"""Full training state on disk: model, EMA, optimiser, scheduler, progress, RNG (resume = rerun the same command).
 
 Saved with torch.save and loaded with `weights_only=True`: the state is tensors and plain containers only.
 Every checkpoint folder also holds `meta.json` (samples seen, step, config digest, and the size and sha256 of

@@ -1,4 +1,4 @@
-"""Exponential moving average of weights, as its own object (STYLE habit 6; edm2-style half-life in samples)."""
+"""Exponential moving average of weights, as its own object (edm2-style half-life in samples)."""
 
 from __future__ import annotations
 

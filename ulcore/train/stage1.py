@@ -1,7 +1,7 @@
 """Stage 1: joint training of the deterministic encoder, the diffusion prior and the diffusion decoder (UL Alg. 1).
 
 Minimises L_z + L_x, both in nats per example, with no stop-gradient: the encoder learns through the prior's
-target and input and through the decoder's conditioning (ul_method.md §4.3, §4.6).
+target and input and through the decoder's conditioning (docs/method.md §4, §7).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ COLLAPSE_BITS_PER_PIXEL = 1e-3  # below this the latent carries (almost) nothing
 
 
 def pixels_per_example(cfg: Config) -> int:
-    """H·W (·T for video): the bits/pixel normaliser (not per sub-pixel; ul_method.md §10 #4)."""
+    """H·W (·T for video): the bits/pixel normaliser (docs/method.md (M9))."""
     return cfg.data.resolution**2 * cfg.model.frames
 
 
@@ -102,7 +102,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
                "ema_bits_per_subpixel": bits_per_subpixel(bpp, cfg.model.in_channels), "ema_latent_std": latent_std}
     if bpp < COLLAPSE_BITS_PER_PIXEL:
         print(f"[stage1] WARNING: latent collapse (held-out {bpp:.2e} bits/pixel): raise stage1.loss_factor or "
-              "stage1.decoder_bias (ul_method.md §4.5)", flush=True)
+              "stage1.decoder_bias (docs/method.md (M12))", flush=True)
     if run_id:
         n = min(16, x.shape[0])
         z0 = sampling.sample_prior(ema, n, seed=cfg.stage1.seed, steps=cfg.stage1.eval_steps)
