@@ -110,7 +110,8 @@ def _tiny_checkpoints(run: Path, samples: list[int]) -> list[Path]:
     folders = []
     for n in samples:
         save_state(run / f"checkpoint_{n:06d}", model=model, ema=model, optimizer=opt, scheduler=sched,
-                   progress=Progress(samples=n, step=n // 16), config_yaml="x: 1\n", digest="d")
+                   progress=Progress(samples=n, step=n // 16), grad_clip={"running_norm": 0.0, "clipped_steps": 0},
+                   config_yaml="x: 1\n", digest="d")
         folders.append(run / f"checkpoint_{n:06d}")
     return folders
 
