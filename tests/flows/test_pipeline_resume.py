@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,11 @@ def test_rerun_after_a_kill_in_stage2_skips_finished_stages_and_resumes_stage2(t
     assert "[stage1] up to date" in out, out[-5000:]
     assert "[stage1] resumed" not in out and _checkpoint_samples(root, "stage1") == stage1_checkpoints
     assert (root / "models" / "stage1" / "done.json").read_bytes() == stage1_done
-    assert f"[stage2] resumed at {reached} samples" in out, out[-5000:]
-    assert f"[stage2] finished at 512 samples: {(512 - reached) // 32} steps in this run" in out
+    # Ray's workers can outlive the killed driver by a moment and store one more checkpoint: the rerun resumes from
+    # the newest one there is, never from 0
+    resumed = re.search(r"\[stage2\] resumed at (\d+) samples", out)
+    assert resumed, out[-5000:]
+    at = int(resumed.group(1))
+    assert reached <= at < 512
+    assert f"[stage2] finished at 512 samples: {(512 - at) // 32} steps in this run" in out
     assert json.loads((root / "metrics" / "eval.json").read_text())["gfid"] is not None
