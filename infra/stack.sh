@@ -37,7 +37,14 @@ up() {
   wait_http "http://127.0.0.1:$PREFECT_PORT/api/health" 90 prefect-server
   prefect work-pool inspect "$POOL" >/dev/null 2>&1 || prefect work-pool create "$POOL" --type process >/dev/null
   MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT start prefect-worker prefect worker start --pool "$POOL"
-  prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml >"$STACK_DIR/deploy.log" 2>&1 \
+  # The deployments on this pool only: the Kubernetes ones need their own pool, image and cluster (infra/README.md).
+  local names
+  names=$("$BIN/python" -c 'import sys, yaml
+for d in yaml.safe_load(open(sys.argv[1]))["deployments"]:
+    if d["work_pool"]["name"] == sys.argv[2]:
+        print("--name", d["name"])' infra/prefect.yaml "$POOL")
+  # shellcheck disable=SC2086  # $names is a list of `--name NAME` words
+  prefect --no-prompt deploy $names --prefect-file infra/prefect.yaml >"$STACK_DIR/deploy.log" 2>&1 \
     || { echo "error: prefect deploy failed:" >&2; tail -n 30 "$STACK_DIR/deploy.log" >&2; exit 1; }
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90 mlflow-server
   cat >"$STACK_DIR/env" <<ENV
