@@ -19,7 +19,16 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import ray
 import yaml
+from mlflow.server.security_utils import is_allowed_host_header
+from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, WorkPoolConfig
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import FlowRun
+from prefect.server.schemas.actions import WorkPoolCreate
+from prefect.utilities.schema_tools import is_valid_schema, validate
+from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 from ulcore.config import load_config
 from ulcore.presets import PRESETS
@@ -30,7 +39,8 @@ K8S = INFRA / "k8s"
 KUBERNETES_VERSION = "1.33"  # the oldest Kubernetes the manifests are written for
 # Values a deployer exports before `prefect deploy` (infra/prefect.yaml's header); stand-ins for the templates.
 DEPLOY_ENV = {"UL_IMAGE_REPO": "registry.example/unified-latents", "UL_STORAGE_ROOT": "s3://ul-bucket/pipeline",
-              "UL_DATA_ROOT": "s3://ul-bucket/raw/imagenet", "UL_DVC_REMOTE": "s3://ul-bucket/dvc", "UL_GIT_REPOSITORY": "https://git.example/org/unified-latents.git"}
+              "UL_DATA_ROOT": "s3://ul-bucket/raw/imagenet", "UL_DVC_REMOTE": "s3://ul-bucket/dvc",
+              "UL_GIT_REPOSITORY": "https://git.example/org/unified-latents.git"}
 GIT_SHA = "0123456789abcdef0123456789abcdef01234567"
 GPU_MEMORY_GB = {"p4d.24xlarge": 40, "p4de.24xlarge": 80, "p5.48xlarge": 80, "p5e.48xlarge": 141,
                  "p5en.48xlarge": 141}
@@ -118,8 +128,6 @@ def test_every_kubernetes_object_validates_against_the_kubernetes_schemas():
 
 def test_kuberay_resources_have_what_kuberay_needs_and_valid_pod_templates():
     cluster, job = _one("RayCluster"), _one("RayJob")
-    import ray
-
     spec = cluster["spec"]
     assert spec["rayVersion"] == ray.__version__, "rayVersion must be the Ray the image installs (requirements.lock)"
     head = spec["headGroupSpec"]
@@ -182,10 +190,6 @@ def test_rayjob_entrypoint_is_a_valid_pipeline_command_on_the_head():
 
 def _render_flow_run_job(job_variables: dict[str, Any]) -> dict[str, Any]:
     """The Job the Kubernetes worker would create for a flow run of a deployment with these job variables."""
-    from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.objects import FlowRun
-    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
-
     async def render():
         # The template has no block or variable references, so this client is never contacted.
         async with PrefectClient(api="http://127.0.0.1:9/api") as client:
@@ -198,10 +202,6 @@ def _render_flow_run_job(job_variables: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_work_pool_template_validates_with_prefect_kubernetes():
-    from prefect.server.schemas.actions import WorkPoolCreate
-    from prefect.utilities.schema_tools import is_valid_schema, validate
-    from prefect_kubernetes.worker import KubernetesWorker
-
     template = _work_pool_template()
     WorkPoolCreate(name="ul-k8s", type="kubernetes", base_job_template=template)  # what the server checks
     is_valid_schema(template["variables"], preprocess=False)
@@ -229,13 +229,12 @@ def test_work_pool_template_validates_with_prefect_kubernetes():
 
 
 def test_prefect_yaml_loads_with_prefects_deployment_model():
-    from prefect.cli.deploy._models import DeploymentConfig, PrefectYamlModel, WorkPoolConfig
-
     raw = _prefect_yaml()
     model = PrefectYamlModel.model_validate(raw)
     assert [d.name for d in model.deployments] == [d["name"] for d in raw["deployments"]]
     for d in raw["deployments"]:  # the model ignores unknown keys; a misspelt key would be silently dropped
-        assert set(d) <= set(DeploymentConfig.model_fields), f"{d['name']}: unknown {set(d) - set(DeploymentConfig.model_fields)}"
+        unknown = set(d) - set(DeploymentConfig.model_fields)
+        assert not unknown, f"{d['name']}: unknown keys {sorted(unknown)}"
         assert set(d["work_pool"]) <= set(WorkPoolConfig.model_fields), d["name"]
         path, function = d["entrypoint"].split(":")
         tree = ast.parse((REPO / path).read_text())
@@ -294,8 +293,6 @@ def test_names_image_ports_and_env_agree_across_infra_files():
         assert any("$UL_DVC_REMOTE" in json.dumps(step) for step in d["pull"])
     for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
         assert _env(group["template"]["spec"]["containers"][0])["MLFLOW_TRACKING_URI"]["value"] == mlflow_uri
-    from mlflow.server.security_utils import is_allowed_host_header
-
     mlflow = _env(_one("Deployment")["spec"]["template"]["spec"]["containers"][0])
     allowed = mlflow["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
     assert is_allowed_host_header(allowed, urlsplit(mlflow_uri).netloc), "MLflow would refuse the tracking URI"
@@ -398,8 +395,6 @@ def test_dockerignore_keeps_local_state_out_and_lets_in_what_the_image_copies():
 
 
 def test_ray_cluster_yaml_validates_against_the_schema_shipped_in_ray():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     raw = yaml.safe_load((INFRA / "ray-cluster.yaml").read_text())
     validate_config(prepare_config(raw))  # jsonschema against ray/autoscaler/ray-schema.json, then Ray's checks
     types = raw["available_node_types"]
