@@ -23,7 +23,7 @@ from ulcore.train import stage1
 from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
 from ulcore.train.loop import lr_at, step_generator
-from ulcore.train.precision import autocast, resolve_precision
+from ulcore.runtime import autocast, resolve_precision
 
 RULES = {
     "absolute 1.0": ["stage1.grad_clip_mode=absolute", "stage1.grad_clip=1.0"],

@@ -38,10 +38,10 @@ import torch
 from _fixture import sharded_config  # benchmarks/ is sys.path[0] when run as a script
 from ulcore import storage
 from ulcore.data import loaders
-from ulcore.data.ray_init import ensure_ray
+from ulcore.runtime import ensure_ray
 from ulcore.data.shards import list_shards, read_stats
 from ulcore.train.encode import latents_root, run_encode
-from ulcore.train.export import export_modules, load_encoder, stage1_root
+from ulcore.models import export_modules, load_encoder, stage1_root
 from ulcore.train.stage1 import Stage1Objective
 
 FIXTURE = ["shard.samples_per_shard=500", "data.embedded_train_per_class=500", "data.embedded_val_per_class=100"]

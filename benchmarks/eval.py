@@ -101,7 +101,7 @@ def bench_stage(cfg, fresh: bool = False, reference_stage: bool = True) -> dict:
     from ulcore import storage
     from ulcore.eval.evaluate import run_evaluate
     from ulcore.eval.reference import run_reference
-    from ulcore.train.export import stage1_root
+    from ulcore.models import stage1_root
 
     if not storage.exists(storage.join(stage1_root(cfg), "config.yaml")):
         return {"bench": "evaluate_stage", "skipped": f"{stage1_root(cfg)} has no exported model: run the shard, "

@@ -28,7 +28,7 @@ from ulcore.config import load_config
 from ulcore.diffusion.sampling import image_shape, latent_shape
 from ulcore.nets import count_params, forward_flops
 from ulcore.train.loop import step_generator
-from ulcore.train.precision import autocast, cpu_has_fast_bf16
+from ulcore.runtime import autocast, cpu_has_fast_bf16
 from ulcore.train.stage1 import Stage1Objective
 from ulcore.train.stage2 import Stage2Objective
 

@@ -23,7 +23,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ulcore import storage
     from ulcore.data.loaders import to_uint8
     from ulcore.diffusion.sampling import generate
-    from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
+    from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
     from ulcore.train.images import grid, png_bytes
 
     cfg = config_or_exit(args.params, args.overrides)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ulcore.config import load_config
-from ulcore.train.precision import autocast
+from ulcore.runtime import autocast
 from ulcore.train.stage1 import Stage1Objective
 
 OVERRIDES = ["model.encoder_channels=[8,16]", "model.decoder_channels=[8,16]", "model.prior_width=32",

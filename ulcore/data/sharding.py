@@ -127,7 +127,7 @@ def _run_jobs(cfg: Config, jobs: list[ShardJob]) -> tuple[list[dict], list[str]]
     """Run jobs as Ray tasks, at most shard.max_parallel in flight; returns (stats, failure messages)."""
     import ray
 
-    from ulcore.data.ray_init import ensure_ray
+    from ulcore.runtime import ensure_ray
 
     ensure_ray(cfg.ray)
     task = ray.remote(build_shard).options(num_cpus=1, max_retries=TASK_RETRIES,

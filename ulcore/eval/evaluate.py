@@ -42,6 +42,8 @@ from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted
 from ulcore.eval.image_metrics import psnr, ssim
 from ulcore.eval.inception import extractor_on, resolve_fid_weights
 from ulcore.eval.reference import Reference, frames, splits, take
+from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
+from ulcore.runtime import compute_device
 
 MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
 METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
@@ -102,8 +104,6 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     from ulcore.data.loaders import eval_batches, shard_uris, to_float, to_uint8
     from ulcore.diffusion.losses import bits_per_subpixel
     from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
-    from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
-    from ulcore.train.precision import compute_device
 
     storage.use_endpoint(cfg.storage.s3_endpoint)
     root, e = cfg.storage.root, cfg.eval

@@ -24,8 +24,8 @@ from ulcore import storage
 from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
 from ulcore.data.shards import content_digest, list_shards, read_stats, write_shard
-from ulcore.train.export import load_encoder, stage1_root
-from ulcore.train.precision import compute_device
+from ulcore.models import load_encoder, stage1_root
+from ulcore.runtime import compute_device, ensure_ray
 
 
 def latents_root(cfg: Config) -> str:
@@ -111,8 +111,6 @@ def latent_statistics(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_encode(cfg: Config) -> dict[str, Any]:
     """The `encode` stage: latent shards for every split, then data/latents/stats.json."""
     import ray
-
-    from ulcore.data.ray_init import ensure_ray
 
     check_model_matches_data(cfg)
     encoder_id = encoder_digest(cfg)

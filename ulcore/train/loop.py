@@ -12,7 +12,9 @@ the two apart (it retries every worker error), so Ray itself is told never to re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 import resource
 import tempfile
 import time
@@ -26,11 +28,13 @@ from torch import nn
 
 from ulcore import storage, tracking
 from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
+from ulcore.data.shards import content_digest
 from ulcore.errors import first_non_retryable
+from ulcore.models import export_modules
+from ulcore.runtime import autocast, ensure_ray, requested_address, resolve_precision
 from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
-from ulcore.train.precision import autocast, resolve_precision
 
 Batch = dict[str, Any]
 
@@ -62,9 +66,6 @@ DATA_ERROR_KEYS = ("bad_shards", "bad_samples")  # what the readers skipped (loa
 
 def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
     """Identity of a training run: the sections it depends on plus a digest of its input data."""
-    import hashlib
-    import json
-
     relevant = {s: {k: v for k, v in cfg.to_dict()[s].items() if k not in EXECUTION_ONLY_KEYS}
                 for s in spec.sections}
     text = json.dumps({"params": relevant, "inputs": inputs_digest}, sort_keys=True)
@@ -220,8 +221,6 @@ def _check_resources(cfg: Config) -> None:
     """A local cluster cannot grow: fail now, naming the params, instead of waiting forever for workers."""
     import ray
 
-    from ulcore.data.ray_init import requested_address
-
     if requested_address(cfg.ray)[0]:
         return  # a real cluster may autoscale
     have = ray.cluster_resources()
@@ -244,7 +243,6 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ulcore.data.ray_init import ensure_ray, requested_address
     from ulcore.train.process_group import BoundTorchConfig
 
     ensure_ray(cfg.ray)
@@ -299,8 +297,6 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
 def input_digest(uri: str, what: str) -> str:
     """Content hash of a stage's input manifest (without its run statistics: shards.content_digest); a clear
     error when the upstream stage has not run."""
-    from ulcore.data.shards import content_digest
-
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: run the {what} stage first (python -m flows.{what})")
     return content_digest(storage.read_json(uri))
@@ -310,8 +306,6 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
                        export: Callable[[Config, nn.Module], dict[str, nn.Module]]) -> dict[str, Any]:
     """Shared driver of stage 1 and stage 2: skip when up to date, else train, export the EMA nets, write
     metrics/<stage>.json, and register the models in MLflow under the configured alias."""
-    from ulcore.train.export import export_modules
-
     check_model_matches_data(cfg)
     digest = run_digest(cfg, spec, inputs)
     out = storage.join(cfg.storage.root, "models", spec.name)

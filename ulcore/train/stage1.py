@@ -20,6 +20,7 @@ from ulcore.diffusion.losses import (bits_per_pixel, bits_per_subpixel, diffusio
                                      sigmoid_weighted_loss)
 from ulcore.diffusion.sampling import decoder_fn
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule, stratified_times
+from ulcore.eval.image_metrics import psnr
 from ulcore.nets import build_decoder, build_encoder, build_prior, set_activation_checkpointing
 from ulcore.train import images
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
@@ -90,8 +91,6 @@ def heldout_batch(cfg: Config, size: int) -> Tensor:
 
 def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: str | None) -> dict[str, float]:
     """EMA metrics on a fixed held-out batch: bits/pixel, PSNR of reconstructions; grids to MLflow."""
-    from ulcore.eval.image_metrics import psnr
-
     ema = ema.eval()
     x_uint8 = heldout_batch(cfg, cfg.stage1.eval_batch)
     x = loaders.to_float(x_uint8)

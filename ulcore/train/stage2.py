@@ -21,7 +21,7 @@ from ulcore.diffusion.losses import bits_per_subpixel, sigmoid_weighted_loss
 from ulcore.diffusion.schedule import latent_schedule, stratified_times
 from ulcore.nets import build_base_model, set_activation_checkpointing
 from ulcore.train import images
-from ulcore.train.export import load_stage1, stage1_root
+from ulcore.models import load_stage1, stage1_root
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
 
 

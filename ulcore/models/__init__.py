@@ -1,7 +1,8 @@
 """Exported models: EMA weights as safetensors plus the resolved config, so a model folder describes itself.
 
 models/stage1/{encoder,decoder,prior}.safetensors + config.yaml ; models/stage2/base.safetensors + config.yaml.
-Loading never unpickles: safetensors for weights, YAML for the config.
+Loading never unpickles: safetensors for weights, YAML for the config. The same files registered in MLflow are a
+pyfunc model of class `ulcore.models.pyfunc.SafetensorsBundle` (its own module: it imports MLflow).
 """
 
 from __future__ import annotations
