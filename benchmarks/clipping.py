@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from _fixture import PARAMS, sharded_config  # benchmarks/ is sys.path[0] when run as a script
+from ulcore import layout
 from ulcore.config import Config, load_config
 from ulcore.train import stage1
 from ulcore.train.clipping import GradClipper
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: ray.cpus_per_worker)")
     args = parser.parse_args()
     root = args.shards or sharded_config([]).storage.root
-    if not Path(root, "data", "shards", "summary.json").is_file():
+    if not Path(layout.shards_summary(root)).is_file():
         parser.error(f"--shards {root}: no data/shards/summary.json there")
     base = [f"storage.root={root}", f"stage1.total_samples={args.samples}"]
     torch.set_num_threads(args.threads or int(load_config(PARAMS, base).ray.cpus_per_worker))

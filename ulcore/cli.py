@@ -20,7 +20,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from ulcore import storage
+    from ulcore import layout
     from ulcore.data.loaders import to_uint8
     from ulcore.diffusion.sampling import generate
     from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
@@ -49,7 +49,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     (out / f"{stem}.png").write_bytes(png_bytes(grid(samples)))
     np.savez_compressed(out / f"{stem}.npz", samples=samples.numpy(), seed=args.seed)
     print(f"wrote {out / (stem + '.png')} and {out / (stem + '.npz')} ({args.n} samples, "
-          f"models from {storage.join(cfg.storage.root, 'models')})")
+          f"models from {layout.models(cfg.storage.root)})")
     return 0
 
 

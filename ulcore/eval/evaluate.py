@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.config import Config
 from ulcore.eval import reports
 from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
@@ -116,7 +116,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     if has_stage2:
         roots["stage2"] = stage2_root(cfg)
     digest = inputs_digest(cfg, roots, shards, weights.sha256)
-    eval_uri = storage.join(root, "metrics", "eval.json")
+    eval_uri = layout.metrics(root, "eval")
     if storage.exists(eval_uri):
         previous = storage.read_json(eval_uri)
         if previous.get("inputs_digest") == digest:
@@ -303,13 +303,13 @@ def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen,
         reports.write_reports(tracking.client(tracking.tracking_uri(cfg)), cfg.tracking.experiment, plots, current)
         metrics_file = Path(tmp) / "eval.json"
         metrics_file.write_text(json.dumps(result, indent=2, default=str))
-        for folder, dest in ((out, "outputs"), (plots, "plots")):
+        for folder, dest, uri in ((out, "outputs", layout.outputs(root)), (plots, "plots", layout.plots(root))):
             if folder.is_dir():
                 for f in sorted(folder.iterdir()):
-                    storage.upload_file(str(f), storage.join(root, dest, f.name))
+                    storage.upload_file(str(f), storage.join(uri, f.name))
                 tracking.log_artifact(run_id, folder, dest)
         tracking.log_artifact(run_id, metrics_file, "metrics")
-        storage.write_json(storage.join(root, "metrics", "eval.json"), result)
+        storage.write_json(layout.metrics(root, "eval"), result)
 
 
 __all__ = ["run_evaluate", "metrics_markdown", "inputs_digest", "MONITORING_BELOW", "METRIC_KEYS"]

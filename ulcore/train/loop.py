@@ -12,9 +12,7 @@ the two apart (it retries every worker error), so Ray itself is told never to re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import json
 import resource
 import tempfile
 import time
@@ -26,13 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulcore import storage, tracking
+from ulcore import layout, storage, tracking
 from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
 from ulcore.data.shards import content_digest
 from ulcore.errors import first_non_retryable
 from ulcore.models import export_modules
 from ulcore.runtime import autocast, ensure_ray, requested_address, resolve_precision
-from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
+from ulcore.train.checkpoint import META_FILE, Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
 
@@ -68,8 +66,7 @@ def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
     """Identity of a training run: the sections it depends on plus a digest of its input data."""
     relevant = {s: {k: v for k, v in cfg.to_dict()[s].items() if k not in EXECUTION_ONLY_KEYS}
                 for s in spec.sections}
-    text = json.dumps({"params": relevant, "inputs": inputs_digest}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return layout.digest({"params": relevant, "inputs": inputs_digest})
 
 
 def lr_at(samples: int, t: TrainConfig) -> float:
@@ -248,14 +245,14 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     ensure_ray(cfg.ray)
     _check_resources(cfg)
     t = spec.train_config(cfg)
-    ckpt_root = storage.join(cfg.storage.root, "checkpoints")
+    ckpt_root = layout.checkpoints(cfg.storage.root)
     run_name = f"{spec.name}-{digest}"
     storage_path = ckpt_root if storage.is_s3(ckpt_root) else str(Path(ckpt_root).resolve())
     local = Path(tempfile.mkdtemp(prefix=f"ul-{spec.name}-final-"))
     for attempt in range(cfg.ray.max_failures + 1):
         resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
         if resume_from:
-            done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
+            done = storage.read_json(storage.join(resume_from, META_FILE))["samples"] >= t.total_samples
             print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}",
                   flush=True)
             if done:
@@ -308,10 +305,10 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
     metrics/<stage>.json, and register the models in MLflow under the configured alias."""
     check_model_matches_data(cfg)
     digest = run_digest(cfg, spec, inputs)
-    out = storage.join(cfg.storage.root, "models", spec.name)
-    metrics_uri = storage.join(cfg.storage.root, "metrics", f"{spec.name}.json")
-    done_uri = storage.join(out, "done.json")
-    if storage.exists(done_uri) and storage.read_json(done_uri).get("digest") == digest and storage.exists(metrics_uri):
+    out = layout.model_dir(cfg.storage.root, spec.name)
+    metrics_uri = layout.metrics(cfg.storage.root, spec.name)
+    done_uri = layout.done_marker(cfg.storage.root, spec.name)
+    if layout.is_done(done_uri, digest) and storage.exists(metrics_uri):
         print(f"[{spec.name}] up to date ({out}, digest {digest}): nothing to do", flush=True)
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:

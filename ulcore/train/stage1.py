@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ulcore import storage, tracking
+from ulcore import layout, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
 from ulcore.diffusion import sampling
@@ -120,7 +120,7 @@ def export(cfg: Config, ema: Stage1Objective) -> dict[str, nn.Module]:
 
 def inputs_digest(cfg: Config) -> str:
     """Version of the shards this stage reads (their summary changes whenever any shard does)."""
-    return input_digest(storage.join(cfg.storage.root, "data", "shards", "summary.json"), "shard")
+    return input_digest(layout.shards_summary(cfg.storage.root), "shard")
 
 
 SPEC = StageSpec(name="stage1", build=Stage1Objective, batches=train_batches, monitor=monitor,

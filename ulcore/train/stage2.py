@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ulcore import storage, tracking
+from ulcore import layout, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
 from ulcore.diffusion import sampling
@@ -86,7 +86,7 @@ def export(cfg: Config, ema: Stage2Objective) -> dict[str, nn.Module]:
 
 
 def inputs_digest(cfg: Config) -> str:
-    return input_digest(storage.join(cfg.storage.root, "data", "latents", "stats.json"), "encode")
+    return input_digest(layout.latents_stats(cfg.storage.root), "encode")
 
 
 SPEC = StageSpec(name="stage2", build=Stage2Objective, batches=train_batches, monitor=monitor,
