@@ -47,7 +47,7 @@ def train(cfg: Config) -> dict[str, float]:
     start, step = time.perf_counter(), 0
     while step * t.batch_size < t.total_samples:
         with autocast(precision, torch.device("cpu")):
-            loss = objective(next(batches), step_generator(t.seed, 0, step))["loss"].mean()
+            loss = objective(next(batches), step_generator(t.seed, 0, step)).loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clipper.clip_(objective.parameters())

@@ -181,7 +181,7 @@ def check_nccl(device: torch.device) -> None:
                                                           device_ids=[device.index or 0])
         batch = {"x": torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)}
         with autocast("bf16", device):
-            loss = model(batch, torch.Generator().manual_seed(0))["loss"].mean()
+            loss = model(batch, torch.Generator().manual_seed(0)).loss.mean()
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = all(bool(torch.isfinite(g).all()) for g in grads)

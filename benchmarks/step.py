@@ -102,7 +102,7 @@ def step_time(objective: torch.nn.Module, batch: dict, precision: str, steps: in
 
     def one(step: int) -> None:
         with autocast(precision, device):
-            loss = objective(batch, step_generator(0, 0, step, noise_on or device))["loss"].mean()
+            loss = objective(batch, step_generator(0, 0, step, noise_on or device)).loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -7,6 +7,7 @@ target and input and through the decoder's conditioning (docs/method.md §4, §7
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,23 @@ def pixels_per_example(cfg: Config) -> int:
     return cfg.data.resolution**2 * cfg.model.frames
 
 
+@dataclass(frozen=True)
+class Stage1Terms:
+    """Per-example terms of the stage-1 objective, in nats unless named otherwise (docs/method.md §4, §7)."""
+
+    prior_diffusion: Tensor  # L_z's diffusion term (UL Eq. 3 with w = 1)
+    prior_kl_1: Tensor  # L_z's KL at λ(1)
+    decoder: Tensor  # L_x: the sigmoid-weighted decoder loss, times c_lf
+    bits_per_pixel: Tensor  # L_z / (ln 2 · H·W·T): the latent's bitrate bound (docs/method.md (M9))
+    bits_per_subpixel: Tensor  # the same ÷ C
+    latent_std: Tensor  # not a loss: the std of z_clean, to watch the latent's scale
+
+    @property
+    def loss(self) -> Tensor:
+        """L_z + L_x: what the optimiser minimises (no stop-gradient)."""
+        return self.prior_diffusion + self.prior_kl_1 + self.decoder
+
+
 class Stage1Objective(nn.Module):
     """Encoder + prior + decoder; forward returns the named per-example terms of the stage-1 loss."""
 
@@ -47,7 +65,7 @@ class Stage1Objective(nn.Module):
         self.pixels, self.channels = pixels_per_example(cfg), m.in_channels
         self.config = cfg  # the resolved config travels with the nets (sampling reads schedules from it)
 
-    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> Stage1Terms:
         """Draws come from `gen` on its own device (the training loop gives one on the nets' device)."""
         x = loaders.to_float(batch["x"])
         n = x.shape[0]
@@ -64,15 +82,9 @@ class Stage1Objective(nn.Module):
         decoder = sigmoid_weighted_loss(decoder_fn(self.decoder, z0), x, times(), normal(x), self.decoder_schedule,
                                         self.decoder_bias, self.loss_factor)
         bpp = bits_per_pixel(prior.total, self.pixels)
-        return {
-            "loss": prior.total + decoder,
-            "prior_diffusion": prior.diffusion,
-            "prior_kl_1": prior.kl_1,
-            "decoder": decoder,
-            "bits_per_pixel": bpp,
-            "bits_per_subpixel": bits_per_subpixel(bpp, self.channels),
-            "latent_std": z_clean.detach().float().flatten(1).std(1),
-        }
+        return Stage1Terms(prior_diffusion=prior.diffusion, prior_kl_1=prior.kl_1, decoder=decoder, bits_per_pixel=bpp,
+                           bits_per_subpixel=bits_per_subpixel(bpp, self.channels),
+                           latent_std=z_clean.detach().float().flatten(1).std(1))
 
 
 def train_batches(cfg: Config, per_rank: int, rank: int, world: int, seed: int) -> Iterator[dict[str, Any]]:
