@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from _fixture import PARAMS, sharded_config  # benchmarks/ is sys.path[0] when run as a script
+from ulcore import layout
 from ulcore.config import Config, load_config
 from ulcore.train import stage1
 from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
 from ulcore.train.loop import lr_at, step_generator
-from ulcore.train.precision import autocast, resolve_precision
+from ulcore.runtime import autocast, resolve_precision
 
 RULES = {
     "absolute 1.0": ["stage1.grad_clip_mode=absolute", "stage1.grad_clip=1.0"],
@@ -46,7 +47,7 @@ def train(cfg: Config) -> dict[str, float]:
     start, step = time.perf_counter(), 0
     while step * t.batch_size < t.total_samples:
         with autocast(precision, torch.device("cpu")):
-            loss = objective(next(batches), step_generator(t.seed, 0, step))["loss"].mean()
+            loss = objective(next(batches), step_generator(t.seed, 0, step)).loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clipper.clip_(objective.parameters())
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: ray.cpus_per_worker)")
     args = parser.parse_args()
     root = args.shards or sharded_config([]).storage.root
-    if not Path(root, "data", "shards", "summary.json").is_file():
+    if not Path(layout.shards_summary(root)).is_file():
         parser.error(f"--shards {root}: no data/shards/summary.json there")
     base = [f"storage.root={root}", f"stage1.total_samples={args.samples}"]
     torch.set_num_threads(args.threads or int(load_config(PARAMS, base).ray.cpus_per_worker))

@@ -36,12 +36,12 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from _fixture import sharded_config  # benchmarks/ is sys.path[0] when run as a script
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.data import loaders
-from ulcore.data.ray_init import ensure_ray
+from ulcore.runtime import ensure_ray
 from ulcore.data.shards import list_shards, read_stats
-from ulcore.train.encode import latents_root, run_encode
-from ulcore.train.export import export_modules, load_encoder, stage1_root
+from ulcore.train.encode import run_encode
+from ulcore.models import export_modules, load_encoder, stage1_root
 from ulcore.train.stage1 import Stage1Objective
 
 FIXTURE = ["shard.samples_per_shard=500", "data.embedded_train_per_class=500", "data.embedded_val_per_class=100"]
@@ -69,13 +69,13 @@ def parallel_bare(pool: ProcessPoolExecutor, cfg, shards: list[str], cores: int)
 
 def stage(cfg) -> tuple[int, float, float, float]:
     """One encode run from scratch (previous latents removed); (samples, wall, ray.init, in-task seconds summed)."""
-    storage.remove(latents_root(cfg))
+    storage.remove(layout.latents(cfg.storage.root))
     start = time.perf_counter()
     ensure_ray(cfg.ray)  # run_encode's first step, timed on its own (a no-op when Ray is up)
     init = time.perf_counter() - start
     result = run_encode(cfg)
     wall = time.perf_counter() - start
-    in_task = sum(read_stats(u)["seconds"] for u in storage.list_uris(latents_root(cfg), ".tar"))
+    in_task = sum(read_stats(u)["seconds"] for u in storage.list_uris(layout.latents(cfg.storage.root), ".tar"))
     return sum(v["samples"] for v in result["stats"]["splits"].values()), wall, init, in_task
 
 
@@ -91,9 +91,9 @@ def main() -> None:
     objective = Stage1Objective(cfg).eval()
     export_modules({"encoder": objective.encoder, "decoder": objective.decoder, "prior": objective.prior}, cfg,
                    stage1_root(cfg))
-    storage.write_json(storage.join(stage1_root(cfg), "done.json"), {"digest": "bench"})
+    storage.write_json(layout.done_marker(cfg.storage.root, "stage1"), {"digest": "bench"})
     shards = [u for split in cfg.data.splits
-              for u in list_shards(storage.join(cfg.storage.root, "data", "shards", split), split)]
+              for u in list_shards(layout.shards(cfg.storage.root, split), split)]
     cores = torch.get_num_threads()
     print(f"shards={len(shards)} batch={cfg.encode.batch_size} cores={cores}")
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -83,30 +83,29 @@ def bench_bf16(n: int = 8, weights: str = "") -> dict:
 
 
 def _remove_current_references(cfg) -> None:
-    from ulcore import storage
+    from ulcore import layout, storage
     from ulcore.data.loaders import shard_uris
-    from ulcore.eval.fid import reference_uri
     from ulcore.eval.inception import resolve_fid_weights
     from ulcore.eval.reference import Reference, splits
 
     sha = resolve_fid_weights(cfg.eval.fid_weights).sha256
     train, held_out = splits(cfg)
     for split, n in ((train, cfg.eval.reference_samples), (held_out, cfg.eval.num_samples)):
-        uri = reference_uri(cfg.storage.root, Reference(cfg, split, shard_uris(cfg, "images", split), n, sha).key_hash)
+        uri = layout.fid_ref(cfg.storage.root, Reference(cfg, split, shard_uris(cfg, "images", split), n, sha).key_hash)
         if storage.exists(uri):
             storage.remove(uri)
 
 
 def bench_stage(cfg, fresh: bool = False, reference_stage: bool = True) -> dict:
-    from ulcore import storage
+    from ulcore import layout, storage
     from ulcore.eval.evaluate import run_evaluate
     from ulcore.eval.reference import run_reference
-    from ulcore.train.export import stage1_root
+    from ulcore.models import stage1_root
 
     if not storage.exists(storage.join(stage1_root(cfg), "config.yaml")):
         return {"bench": "evaluate_stage", "skipped": f"{stage1_root(cfg)} has no exported model: run the shard, "
                                                       "stage1 (and encode, stage2) stages first"}
-    eval_uri = storage.join(cfg.storage.root, "metrics", "eval.json")
+    eval_uri = layout.metrics(cfg.storage.root, "eval")
     if storage.exists(eval_uri):  # force a real evaluation (the stage skips when nothing changed)
         storage.remove(eval_uri)
     reference_s = None

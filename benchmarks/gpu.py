@@ -132,7 +132,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 def check_sampling(models: str, n: int, device: torch.device) -> None:
     from ulcore.data.loaders import to_float, to_uint8
     from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
-    from ulcore.train.export import load_stage1, load_stage2
+    from ulcore.models import load_stage1, load_stage2
 
     s1 = {"cpu": load_stage1(os.path.join(models, "stage1"))}
     s2 = {"cpu": load_stage2(os.path.join(models, "stage2"))}
@@ -164,7 +164,7 @@ def check_nccl(device: torch.device) -> None:
     import torch.distributed as dist
 
     from ulcore.config import load_config
-    from ulcore.train.precision import autocast
+    from ulcore.runtime import autocast
     from ulcore.train.stage1 import Stage1Objective
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -181,7 +181,7 @@ def check_nccl(device: torch.device) -> None:
                                                           device_ids=[device.index or 0])
         batch = {"x": torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=device)}
         with autocast("bf16", device):
-            loss = model(batch, torch.Generator().manual_seed(0))["loss"].mean()
+            loss = model(batch, torch.Generator().manual_seed(0)).loss.mean()
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         finite = all(bool(torch.isfinite(g).all()) for g in grads)

@@ -44,7 +44,7 @@ def main() -> None:
     for i in range(steps + 1):
         if i == 1:
             start = time.perf_counter()
-        loss = objective(first, torch.Generator().manual_seed(i))["loss"].mean()
+        loss = objective(first, torch.Generator().manual_seed(i)).loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -93,13 +93,13 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[s
 DIRECT = """
 import json, time
 from ulcore.config import load_config
-from flows._common import STAGES, resolve
+from ulcore.stages import STAGES
 cfg = load_config("params.yaml")
 seconds = {}
 for stage in STAGES:
     start = time.perf_counter()
-    resolve(stage)(cfg)
-    seconds[stage] = time.perf_counter() - start
+    stage.run(cfg)
+    seconds[stage.name] = time.perf_counter() - start
 print("STAGE_SECONDS", json.dumps(seconds))
 """
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ulcore.config import RayConfig, load_config  # noqa: E402
 from ulcore.data.imagenet import center_crop  # noqa: E402
 from ulcore.data.loaders import decode_sample  # noqa: E402
-from ulcore.data.ray_init import ensure_ray  # noqa: E402
+from ulcore.runtime import ensure_ray  # noqa: E402
 from ulcore.data.sharding import run_shard  # noqa: E402
 from ulcore.data.video import decode_clip, encode_mp4, write_video  # noqa: E402
 

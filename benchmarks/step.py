@@ -28,7 +28,7 @@ from ulcore.config import load_config
 from ulcore.diffusion.sampling import image_shape, latent_shape
 from ulcore.nets import count_params, forward_flops
 from ulcore.train.loop import step_generator
-from ulcore.train.precision import autocast, cpu_has_fast_bf16
+from ulcore.runtime import autocast, cpu_has_fast_bf16
 from ulcore.train.stage1 import Stage1Objective
 from ulcore.train.stage2 import Stage2Objective
 
@@ -102,7 +102,7 @@ def step_time(objective: torch.nn.Module, batch: dict, precision: str, steps: in
 
     def one(step: int) -> None:
         with autocast(precision, device):
-            loss = objective(batch, step_generator(0, 0, step, noise_on or device))["loss"].mean()
+            loss = objective(batch, step_generator(0, 0, step, noise_on or device)).loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

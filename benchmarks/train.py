@@ -31,7 +31,7 @@ def bare_loop(cfg, samples: int) -> float:
     start, seen, step = time.perf_counter(), 0, 0
     while seen < samples:
         batch = next(batches)
-        loss = objective(batch, torch.Generator().manual_seed(step))["loss"].mean()
+        loss = objective(batch, torch.Generator().manual_seed(step)).loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clipper.clip_(objective.parameters())

@@ -6,7 +6,6 @@ dicts cross task boundaries (never tensors).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 from collections.abc import Iterator
@@ -16,20 +15,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from ulcore import tracking
+from ulcore import layout, tracking
 from ulcore.config import Config, load_config
-from ulcore.run_lock import stage_lock
 
-# stage -> "module:function" of its ulcore entry point (imported lazily: one missing module breaks one flow)
-STAGE_FUNCTIONS = {
-    "shard": "ulcore.data.sharding:run_shard",
-    "reference": "ulcore.eval.reference:run_reference",
-    "stage1": "ulcore.train.stage1:run_stage1",
-    "encode": "ulcore.train.encode:run_encode",
-    "stage2": "ulcore.train.stage2:run_stage2",
-    "evaluate": "ulcore.eval.evaluate:run_evaluate",
-}
-STAGES = list(STAGE_FUNCTIONS)
+STAGES = list(layout.STAGE_OUTPUTS)  # in pipeline order, the names of ulcore.stages.STAGES (tests/test_stages.py)
 
 
 def load(params: str, overrides: list[str] | None) -> Config:
@@ -56,18 +45,12 @@ def flow_run_lineage() -> Iterator[str]:
             os.environ[tracking.FLOW_RUN_ENV] = previous
 
 
-def resolve(stage: str) -> Any:
-    module, name = STAGE_FUNCTIONS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 @task(name="run-stage", task_run_name="run-{stage}")
 def run_stage_task(stage: str, params: str, overrides: list[str]) -> dict[str, Any]:
     """The stage itself (its own Ray cluster / Ray Train driver): one task, resumable by rerunning."""
-    cfg = load(params, overrides)
-    with stage_lock(cfg.storage.root, stage):  # a second run of this stage on this root refuses at once
-        result = resolve(stage)(cfg)
-    return dict(result or {})
+    from ulcore import stages  # imports every stage's code (torch, Ray, ...): not before params are validated
+
+    return stages.run_stage(stage, load(params, overrides))  # a second run of it on this root refuses at once
 
 
 def mlflow_runs_of(cfg: Config, prefect_run_id: str) -> list[tuple[str, str, str]]:

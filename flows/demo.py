@@ -31,12 +31,12 @@ def read_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
     root = cfg.storage.root
     found: dict[str, dict[str, Any]] = {}
     if root.startswith("s3://"):
-        from ulcore import storage
+        from ulcore import layout, storage
 
-        for uri in storage.list_uris(storage.join(root, "metrics"), suffix=".json"):
+        for uri in storage.list_uris(layout.metrics(root), suffix=".json"):
             found[uri.rsplit("/", 1)[-1]] = _flatten(json.loads(storage.read_text(uri)))
         return found
-    for path in sorted((Path(root) / "metrics").glob("*.json")):
+    for path in sorted(Path(layout.metrics(root)).glob("*.json")):
         found[path.name] = _flatten(json.loads(path.read_text()))
     return found
 

@@ -40,6 +40,8 @@ def test_resolution_order_file_then_overrides(tmp_path):
     (["model.logsnr_0=-20"], "model.logsnr_0 = -20.0"),
     (["stage1.loss_factor=0"], "stage1.loss_factor = 0.0: must be > 0"),
     (["stage1.loss_factor=abc"], "stage1.loss_factor = 'abc': expected a number"),
+    (["stage2.eval_batch=0"], "stage2.eval_batch = 0: must be >= 1"),
+    (["stage2.eval_steps=0"], "stage2.eval_steps = 0: must be >= 1"),
     (["data.resolution=34"], "data.resolution = 34: must be divisible by the encoder's downsampling factor 4"),
     (["stage1.nope=1"], "stage1.nope: unknown key"),
     (["nosection.key=1"], "unknown section 'nosection'"),
@@ -116,6 +118,7 @@ def test_configs_saved_by_earlier_versions_load():
 @pytest.mark.parametrize("argv", [
     ["-m", "ulcore.cli", "config", "--set", "model.logsnr_0=99"],
     ["-m", "ulcore.cli", "sample", "--set", "stage1.loss_factor=-1"],
+    ["-m", "ulcore.cli", "run", "stage1", "--set", "stage1.loss_factor=-1"],
 ])
 def test_entry_points_fail_fast_with_the_key_named(argv, tmp_path):
     proc = subprocess.run([sys.executable, *argv, "--params", str(ROOT / "params.yaml")], cwd=tmp_path,

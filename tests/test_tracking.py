@@ -210,11 +210,46 @@ def test_models_pickled_under_the_old_class_path_still_load():
     """Models registered before the class moved to ulcore.bundle name `ulcore.tracking.SafetensorsBundle`."""
     import pickle
 
-    from ulcore.bundle import SafetensorsBundle
+    from ulcore.models.pyfunc import SafetensorsBundle
 
     assert pickle.loads(b"culcore.tracking\nSafetensorsBundle\n.") is SafetensorsBundle
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         tracking.nothing_here  # noqa: B018
+
+
+@pytest.mark.parametrize("old_module", ["ulcore.tracking", "ulcore.bundle"])
+def test_registered_model_pickled_under_an_old_module_loads_through_mlflow(cfg, tmp_path, old_module):
+    """A registered model whose python_model.pkl names the class's module of an earlier version (MLflow pickled
+    `SafetensorsBundle` by reference) loads through `mlflow.pyfunc.load_model` and gives its weights."""
+    import importlib
+
+    import cloudpickle
+    import mlflow
+    import torch
+    from safetensors.torch import save_file
+
+    from ulcore.models.pyfunc import PICKLED_PATHS, SafetensorsBundle
+
+    assert old_module in PICKLED_PATHS
+    save_file({"w": torch.full((2,), 3.0)}, str(tmp_path / "prior.safetensors"))
+    name = f"ul-old-{old_module.rsplit('.', 1)[-1]}"
+    with tracking.stage_run(cfg, "stage1") as run_id:
+        tracking.register_model(run_id, name, {"prior": str(tmp_path / "prior.safetensors")}, "champion",
+                                "model:\n  latent_channels: 4\n")
+    uri = tracking.tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(tracking.client(uri).get_model_version(name, "1").source))
+    importlib.import_module(old_module)  # cloudpickle pickles by reference only a class found in a loaded module
+    SafetensorsBundle.__module__ = old_module  # pickle the class under the path an earlier version used
+    try:
+        old_pickle = cloudpickle.dumps(SafetensorsBundle())
+    finally:
+        SafetensorsBundle.__module__ = "ulcore.models.pyfunc"
+    assert old_module.encode() in old_pickle and b"ulcore.models" not in old_pickle
+    (local / "python_model.pkl").write_bytes(old_pickle)
+    bundle = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
+    assert type(bundle) is SafetensorsBundle
+    assert torch.equal(bundle.state_dicts["prior"]["w"], torch.full((2,), 3.0))
 
 
 def test_training_and_evaluation_modules_import_without_mlflow():

@@ -1,11 +1,14 @@
-"""`unified-latents`: show the resolved params; sample images from the exported (or registered) models."""
+"""`unified-latents`: show the resolved params; run one stage without Prefect; sample images from the exported
+models."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from ulcore import layout
 from ulcore.config import add_config_args, config_or_exit
 
 
@@ -15,15 +18,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """One stage in this process, as its flow's task runs it (the stage lock held); prints its summary."""
+    cfg = config_or_exit(args.params, args.overrides)  # bad params exit before the stages' imports (seconds)
+    from ulcore.stages import run_stage
+
+    result = run_stage(args.stage, cfg)
+    sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1, default=str) + "\n")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Base model -> z_0 at λ(0) -> decoder, per-sample seeds: same seed, same images, whatever --batch is."""
     import numpy as np
     import torch
 
-    from ulcore import storage
     from ulcore.data.loaders import to_uint8
     from ulcore.diffusion.sampling import generate
-    from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
+    from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
     from ulcore.train.images import grid, png_bytes
 
     cfg = config_or_exit(args.params, args.overrides)
@@ -49,7 +61,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     (out / f"{stem}.png").write_bytes(png_bytes(grid(samples)))
     np.savez_compressed(out / f"{stem}.npz", samples=samples.numpy(), seed=args.seed)
     print(f"wrote {out / (stem + '.png')} and {out / (stem + '.npz')} ({args.n} samples, "
-          f"models from {storage.join(cfg.storage.root, 'models')})")
+          f"models from {layout.models(cfg.storage.root)})")
     return 0
 
 
@@ -59,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved params as YAML")
     add_config_args(p)
     p.set_defaults(func=cmd_config)
+    p = sub.add_parser("run", help="run one stage here, without Prefect (as `python -m flows.<stage>` runs it)")
+    p.add_argument("stage", choices=list(layout.STAGE_OUTPUTS), help="the stage (dvc.yaml's name)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("sample", help="sample images from the exported stage-1 and stage-2 models")
     add_config_args(p)
     p.add_argument("--n", type=int, default=16, help="number of samples")

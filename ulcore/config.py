@@ -136,6 +136,8 @@ class Stage2Config(TrainConfig):
     total_samples: int = 8192  # the tiny demo's stage-2 length (half of stage 1's)
     bias: float = 0.0  # b₂ in sigmoid(b₂ - λ) of the base-model loss
     label_dropout: float = 0.1  # probability of the null class (classifier-free guidance)
+    eval_batch: int = 64  # fixed held-out latent batch for the monitoring bitrate
+    eval_steps: int = 32  # base-model and decoder sampling steps for the monitoring sample grid
 
 
 @dataclass(frozen=True)
@@ -451,8 +453,10 @@ def validate(cfg: Config) -> None:
     _check(abs(cfg.stage1.decoder_bias) <= 10, "stage1.decoder_bias", cfg.stage1.decoder_bias, "must lie in [-10, 10]")
     _check(abs(cfg.stage2.bias) <= 10, "stage2.bias", cfg.stage2.bias, "must lie in [-10, 10]")
     _check(0.0 <= cfg.stage2.label_dropout < 1.0, "stage2.label_dropout", cfg.stage2.label_dropout, "must lie in [0, 1)")
-    _check(cfg.stage1.eval_batch >= 1, "stage1.eval_batch", cfg.stage1.eval_batch, "must be >= 1")
-    _check(cfg.stage1.eval_steps >= 1, "stage1.eval_steps", cfg.stage1.eval_steps, "must be >= 1")
+    for name in ("stage1", "stage2"):
+        for key in ("eval_batch", "eval_steps"):
+            value = getattr(getattr(cfg, name), key)
+            _check(value >= 1, f"{name}.{key}", value, "must be >= 1")
     _check(cfg.encode.batch_size >= 1, "encode.batch_size", cfg.encode.batch_size, "must be >= 1")
     e = cfg.eval
     for key in ("num_samples", "base_steps", "decoder_steps", "batch_size", "grid_size"):

@@ -19,7 +19,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "stage1": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16},
         "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
-                   "ckpt_every_samples": 1024},
+                   "ckpt_every_samples": 1024, "eval_batch": 16},
         "eval": {"num_samples": 32, "reference_samples": 32, "batch_size": 16, "grid_size": 16,
                  "fvd_context_frames": 3},  # 1 latent frame + 1 pixel-only frame, like 5 = 4 + 1 at Kinetics
     },
@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # without recompute it runs out of memory (> 139 GiB)
         "stage2": {"batch_size": 1024, "lr": 1e-4, "warmup_samples": 10_240_000, "total_samples": 512_000_000,
                    "ema_halflife_samples": 10_000_000, "log_every_samples": 102_400,
-                   "ckpt_every_samples": 10_240_000},  # 128/GPU bf16, H200: 67.6 GiB peak with AdamW, fits 80 GB;
+                   "ckpt_every_samples": 10_240_000, "eval_steps": 64},  # 128/GPU bf16, H200: 67.6 GiB peak with AdamW, fits 80 GB;
         # recompute would take it to 12.7 GiB at 0.74x the speed (250 vs 337 samples/s, benchmarks/step.py)
         "encode": {"batch_size": 64},
         "eval": {"num_samples": 50_000, "reference_samples": 0, "sampler": "ancestral", "base_steps": 256,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ulcore import storage
+from ulcore import layout, storage
 
 LEASE_S = 60.0  # an S3 lock not renewed for this long is stale
 
@@ -34,7 +34,7 @@ class StageLocked(RuntimeError):
 
 
 def lock_uri(root: str, stage: str) -> str:
-    return storage.join(root, "locks", f"{stage}.lock")
+    return layout.lock(root, stage)
 
 
 def _owner(stage: str, lease_s: float | None = None) -> dict[str, Any]:

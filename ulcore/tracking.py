@@ -360,10 +360,10 @@ def log_figure(run_id: str, fig: Any, artifact_file: str, *, tracking_uri: str |
 
 
 def __getattr__(name: str) -> Any:
-    """`SafetensorsBundle` lives in ulcore.bundle (importing it imports mlflow.pyfunc, ~3 s); models registered
-    before it moved unpickle as `ulcore.tracking.SafetensorsBundle`, which resolves here."""
+    """`SafetensorsBundle` lives in ulcore.models.pyfunc (importing it imports mlflow.pyfunc, ~3 s); models
+    registered before it moved unpickle as `ulcore.tracking.SafetensorsBundle`, which resolves here."""
     if name == "SafetensorsBundle":
-        from ulcore.bundle import SafetensorsBundle
+        from ulcore.models.pyfunc import SafetensorsBundle
 
         return SafetensorsBundle
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -392,7 +392,7 @@ def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str,
     import mlflow
     from mlflow.models import Model
 
-    from ulcore.bundle import SafetensorsBundle
+    from ulcore.models.pyfunc import SafetensorsBundle
 
     uri = tracking_uri or _RUN_URIS.get(run_id) or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     c = client(uri)

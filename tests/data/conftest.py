@@ -13,7 +13,7 @@ def ray_session():
     """Ray costs ~4 s to start: share one local cluster between every test that shards."""
     import ray
 
-    from ulcore.data.ray_init import ensure_ray
+    from ulcore.runtime import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=2))
     yield ray.get_runtime_context().gcs_address

@@ -15,7 +15,7 @@ from .conftest import write_image_shards
 
 def _models(cfg) -> None:
     from ulcore.nets import build_base_model, build_decoder, build_encoder, build_prior
-    from ulcore.train.export import export_modules, stage1_root, stage2_root
+    from ulcore.models import export_modules, stage1_root, stage2_root
 
     torch.manual_seed(0)
     m = cfg.model

@@ -127,7 +127,7 @@ def _write_clip_shards(cfg, clips: dict[str, torch.Tensor]) -> None:
 @pytest.mark.slow
 def test_evaluate_reports_fvd_as_frame_prediction_with_the_real_context_frames(tmp_path, monkeypatch):
     from ulcore.eval.evaluate import run_evaluate
-    from ulcore.train.export import export_modules, stage1_root, stage2_root
+    from ulcore.models import export_modules, stage1_root, stage2_root
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("UL_PARENT_RUN_ID", raising=False)

@@ -39,6 +39,7 @@ SMOKE = [
     "stage1.eval_batch=16", "stage1.eval_steps=4",
     "stage2.batch_size=32", "stage2.total_samples=128", "stage2.warmup_samples=32",
     "stage2.log_every_samples=64", "stage2.ckpt_every_samples=64", "stage2.ema_halflife_samples=64",
+    "stage2.eval_batch=16", "stage2.eval_steps=4",
     "encode.batch_size=64",
     "eval.num_samples=32", "eval.batch_size=16", "eval.base_steps=4", "eval.decoder_steps=4", "eval.grid_size=16",
     "ray.num_cpus=2",

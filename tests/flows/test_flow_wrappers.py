@@ -3,6 +3,7 @@ validation, markdown artefacts, lineage tags, nesting, DVC recording, failure an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,11 +19,13 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 @pytest.fixture()
 def fake_stages(monkeypatch):
-    from flows import _common
+    import _fake_stages
 
-    for stage in _common.STAGES:
-        fn = "run_" + stage
-        monkeypatch.setitem(_common.STAGE_FUNCTIONS, stage, f"_fake_stages:{fn}")
+    from ulcore import stages
+
+    for stage in stages.STAGES:
+        monkeypatch.setitem(stages.BY_NAME, stage.name,
+                            dataclasses.replace(stage, run=getattr(_fake_stages, "run_" + stage.name)))
     monkeypatch.delenv("UL_FAKE_FAIL", raising=False)
     monkeypatch.delenv("UL_PARENT_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

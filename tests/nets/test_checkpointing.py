@@ -109,7 +109,7 @@ def test_stage_objectives_follow_their_config_flag():
             wake_zero_params(obj)
             assert {b.recompute for b in obj.modules() if isinstance(b, layers.RecomputableBlock)} == {cfg is on}
             torch.manual_seed(7)
-            loss = obj(batch, torch.Generator().manual_seed(1))["loss"].mean()
+            loss = obj(batch, torch.Generator().manual_seed(1)).loss.mean()
             results.append((loss.detach(), torch.autograd.grad(loss, list(obj.parameters()))))
         (loss, grads), (loss_r, grads_r) = results
         torch.testing.assert_close(loss_r, loss, rtol=1e-6, atol=0.0)

@@ -16,7 +16,7 @@ from ulcore.data import loaders
 from ulcore.data.shards import read_stats, write_shard
 from ulcore.nets import build_encoder
 from ulcore.train.encode import encode_shard, prefetched
-from ulcore.train.export import export_modules, stage1_root
+from ulcore.models import export_modules, stage1_root
 
 OVERRIDES = ["model.encoder_channels=[8,16]", "encode.batch_size=3"]
 

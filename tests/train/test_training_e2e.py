@@ -20,7 +20,7 @@ from ulcore.diffusion.sampling import reconstruct
 from ulcore.train import stage1 as stage1_module
 from ulcore.train.checkpoint import latest_checkpoint, load_state
 from ulcore.train.encode import run_encode
-from ulcore.train.export import load_stage1, stage1_root
+from ulcore.models import load_stage1, stage1_root
 from ulcore.train.stage1 import Stage1Objective, run_stage1
 from ulcore.train.stage2 import run_stage2
 

@@ -30,7 +30,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.config import Config
 from ulcore.data.shards import list_shards, read_stats
 from ulcore.data.video import decode_mp4
@@ -38,7 +38,7 @@ from ulcore.errors import CorruptDataError
 
 log = logging.getLogger(__name__)
 
-KINDS = {"images": "shards", "latents": "latents"}  # kind -> folder under <storage.root>/data/
+KINDS = {"images": layout.shards, "latents": layout.latents}  # kind -> (storage.root, split) -> its shards' folder
 SHUFFLE_BUFFER = 1000  # samples held per worker for shuffling; ~3 MB of 32x32 PNGs, ~800 MB of 128² npy clips
 VIDEO_SHUFFLE_BUFFER = 64
 
@@ -58,7 +58,7 @@ def shard_uris(cfg: Config, kind: str, split: str) -> list[str]:
     if kind not in KINDS:
         raise ValueError(f"kind = {kind!r}: expected one of {sorted(KINDS)}")
     storage.use_endpoint(cfg.storage.s3_endpoint)
-    folder = storage.join(cfg.storage.root, "data", KINDS[kind], split)
+    folder = KINDS[kind](cfg.storage.root, split)
     # a shard whose every input was rejected is finished but empty: a reader drawing it would only spin
     uris = [u for u in list_shards(folder, split) if (read_stats(u) or {}).get("samples", 1) > 0]
     if not uris:

@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.config import Config, add_config_args, config_or_exit
 from ulcore.data import embedded, imagenet, kinetics
 from ulcore.data.listing import Listing
@@ -50,11 +50,7 @@ class ShardJob:
 
 def raw_root(cfg: Config) -> str:
     """data.root, or <storage.root>/data/raw/<source> (where the embedded sources are generated)."""
-    return cfg.data.root or storage.join(cfg.storage.root, "data", "raw", cfg.data.source)
-
-
-def shards_root(cfg: Config) -> str:
-    return storage.join(cfg.storage.root, "data", "shards")
+    return cfg.data.root or layout.raw(cfg.storage.root, cfg.data.source)
 
 
 def list_source(cfg: Config, root: str) -> tuple[list[dict], dict[str, Listing]]:
@@ -87,7 +83,7 @@ def sample_params(cfg: Config) -> dict[str, Any]:
 def plan_jobs(cfg: Config, split: str, items: list[Item]) -> list[ShardJob]:
     per = cfg.shard.samples_per_shard
     params = json.dumps(sample_params(cfg), sort_keys=True)
-    folder = storage.join(shards_root(cfg), split)
+    folder = layout.shards(cfg.storage.root, split)
     jobs = []
     for index, start in enumerate(range(0, len(items), per)):
         chunk = tuple(items[start:start + per])
@@ -127,7 +123,7 @@ def _run_jobs(cfg: Config, jobs: list[ShardJob]) -> tuple[list[dict], list[str]]
     """Run jobs as Ray tasks, at most shard.max_parallel in flight; returns (stats, failure messages)."""
     import ray
 
-    from ulcore.data.ray_init import ensure_ray
+    from ulcore.runtime import ensure_ray
 
     ensure_ray(cfg.ray)
     task = ray.remote(build_shard).options(num_cpus=1, max_retries=TASK_RETRIES,
@@ -174,7 +170,7 @@ def summarise(cfg: Config, root: str, classes: list[dict], listing: dict[str, Li
               stats: dict[str, list[dict]]) -> dict[str, Any]:
     """Per split: samples written, inputs rejected (by reason; every one listed under `rejected`), hidden files
     ignored and good inputs capped by data.max_per_class."""
-    summary: dict[str, Any] = {"source": cfg.data.source, "raw_root": root, "shards_root": shards_root(cfg),
+    summary: dict[str, Any] = {"source": cfg.data.source, "raw_root": root, "shards_root": layout.shards(cfg.storage.root),
                                "sample_params": sample_params(cfg), "classes": classes, "splits": {},
                                "rejected": []}
     for split, listed in listing.items():
@@ -209,7 +205,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     pending: list[ShardJob] = []
     for split, listed in listing.items():
         jobs = plan_jobs(cfg, split, listed.items)
-        files = storage.list_uris(storage.join(shards_root(cfg), split))  # one listing: done shards and stale ones
+        files = storage.list_uris(layout.shards(cfg.storage.root, split))  # one listing: done shards and stale ones
         finished = set(finished_shards(files, split))
         stats[split] = []
         for job in jobs:
@@ -234,7 +230,7 @@ def run_shard(cfg: Config) -> dict[str, Any]:
     if failures:
         raise RuntimeError(f"{len(failures)} shard(s) failed after {TASK_RETRIES} retries; rerun to resume:\n  "
                            + "\n  ".join(failures))
-    storage.write_json(storage.join(shards_root(cfg), "summary.json"), summary)
+    storage.write_json(layout.shards_summary(cfg.storage.root), summary)
     return summary
 
 

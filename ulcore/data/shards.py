@@ -12,7 +12,6 @@ rewrites a shard from the same inputs produces the identical file.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ulcore import storage
+from ulcore import layout, storage
 
 SHARD_PATTERN = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})\.tar$")
 STATS_SUFFIX = ".stats.json"
@@ -176,7 +175,7 @@ def content_digest(doc: Any) -> str:
             return [content(v) for v in value]
         return value
 
-    return hashlib.sha256(json.dumps(content(doc), sort_keys=True).encode()).hexdigest()[:16]
+    return layout.digest(content(doc))
 
 
 def read_stats(shard_uri: str) -> dict[str, Any] | None:

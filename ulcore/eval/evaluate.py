@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.config import Config
 from ulcore.eval import reports
 from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
@@ -42,6 +42,8 @@ from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted
 from ulcore.eval.image_metrics import psnr, ssim
 from ulcore.eval.inception import extractor_on, resolve_fid_weights
 from ulcore.eval.reference import Reference, frames, splits, take
+from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
+from ulcore.runtime import compute_device
 
 MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
 METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
@@ -102,8 +104,6 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     from ulcore.data.loaders import eval_batches, shard_uris, to_float, to_uint8
     from ulcore.diffusion.losses import bits_per_subpixel
     from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
-    from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
-    from ulcore.train.precision import compute_device
 
     storage.use_endpoint(cfg.storage.s3_endpoint)
     root, e = cfg.storage.root, cfg.eval
@@ -116,7 +116,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     if has_stage2:
         roots["stage2"] = stage2_root(cfg)
     digest = inputs_digest(cfg, roots, shards, weights.sha256)
-    eval_uri = storage.join(root, "metrics", "eval.json")
+    eval_uri = layout.metrics(root, "eval")
     if storage.exists(eval_uri):
         previous = storage.read_json(eval_uri)
         if previous.get("inputs_digest") == digest:
@@ -303,13 +303,13 @@ def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen,
         reports.write_reports(tracking.client(tracking.tracking_uri(cfg)), cfg.tracking.experiment, plots, current)
         metrics_file = Path(tmp) / "eval.json"
         metrics_file.write_text(json.dumps(result, indent=2, default=str))
-        for folder, dest in ((out, "outputs"), (plots, "plots")):
+        for folder, dest, uri in ((out, "outputs", layout.outputs(root)), (plots, "plots", layout.plots(root))):
             if folder.is_dir():
                 for f in sorted(folder.iterdir()):
-                    storage.upload_file(str(f), storage.join(root, dest, f.name))
+                    storage.upload_file(str(f), storage.join(uri, f.name))
                 tracking.log_artifact(run_id, folder, dest)
         tracking.log_artifact(run_id, metrics_file, "metrics")
-        storage.write_json(storage.join(root, "metrics", "eval.json"), result)
+        storage.write_json(layout.metrics(root, "eval"), result)
 
 
 __all__ = ["run_evaluate", "metrics_markdown", "inputs_digest", "MONITORING_BELOW", "METRIC_KEYS"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ulcore import storage
+from ulcore import layout, storage
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def reference_key(*, split: str, resolution: int, weights_sha256: str, n: int, d
     """(hash, key dict): what a cached reference-statistics file was computed from; n = 0 is the whole split."""
     key = {"split": split, "resolution": resolution, "frames": frames, "weights_sha256": weights_sha256, "n": n,
            "data": data_fingerprint, "resize": "tf-legacy-bilinear-299", "version": 1}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key
+    return layout.digest(key), key
 
 
 def data_fingerprint(shard_uris: list[str]) -> str:
@@ -155,13 +155,9 @@ def data_fingerprint(shard_uris: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def reference_uri(root: str, key_hash: str) -> str:
-    return storage.join(root, "data", "fid_refs", f"{key_hash}.npz")
-
-
 def load_reference_stats(root: str, key_hash: str, key: dict) -> tuple[FeatureStats, dict] | None:
     """The cached statistics for `key`, or None when absent or computed from something else."""
-    uri = reference_uri(root, key_hash)
+    uri = layout.fid_ref(root, key_hash)
     if not storage.exists(uri):
         return None
     data = storage.read_bytes(uri)
@@ -174,7 +170,7 @@ def load_reference_stats(root: str, key_hash: str, key: dict) -> tuple[FeatureSt
 
 def store_reference_stats(root: str, key_hash: str, key: dict, stats: FeatureStats) -> dict:
     """Write the statistics (with their key inside) atomically; returns the info dict."""
-    uri = reference_uri(root, key_hash)
+    uri = layout.fid_ref(root, key_hash)
     data = stats.to_npz_bytes(key)
     storage.write_bytes(uri, data)
     return {"key_hash": key_hash, "file_sha256": hashlib.sha256(data).hexdigest(), "uri": uri, "cached": False,
@@ -182,5 +178,5 @@ def store_reference_stats(root: str, key_hash: str, key: dict, stats: FeatureSta
 
 
 __all__ = ["FeatureStats", "RunningStats", "feature_statistics", "trace_sqrt_product", "frechet_distance",
-           "fid_from_stats", "reference_key", "data_fingerprint", "reference_uri", "load_reference_stats",
+           "fid_from_stats", "reference_key", "data_fingerprint", "load_reference_stats",
            "store_reference_stats"]

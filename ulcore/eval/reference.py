@@ -27,6 +27,7 @@ from ulcore import storage
 from ulcore.config import Config
 from ulcore.eval.fid import (RunningStats, data_fingerprint, load_reference_stats, reference_key,
                              store_reference_stats)
+from ulcore.runtime import compute_device
 
 
 def frames(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,6 @@ def run_reference(cfg: Config) -> dict[str, Any]:
     """The `reference` stage: compute the gFID and rFID reference statistics that are not stored yet."""
     from ulcore.data.loaders import shard_uris
     from ulcore.eval.inception import extractor_on, resolve_fid_weights
-    from ulcore.train.precision import compute_device
 
     storage.use_endpoint(cfg.storage.s3_endpoint)
     e, t_start = cfg.eval, time.perf_counter()

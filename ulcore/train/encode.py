@@ -20,24 +20,21 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
 from ulcore.data.shards import content_digest, list_shards, read_stats, write_shard
-from ulcore.train.export import load_encoder, stage1_root
-from ulcore.train.precision import compute_device
-
-
-def latents_root(cfg: Config) -> str:
-    return storage.join(cfg.storage.root, "data", "latents")
+from ulcore.models import load_encoder, stage1_root
+from ulcore.runtime import compute_device, ensure_ray
 
 
 def encoder_digest(cfg: Config) -> str:
     """Identity of the exported encoder (stage 1 writes done.json with its run digest)."""
-    uri = storage.join(stage1_root(cfg), "done.json")
-    if not storage.exists(uri):
+    uri = layout.done_marker(cfg.storage.root, "stage1")
+    digest = layout.recorded_digest(uri)
+    if digest is None:
         raise FileNotFoundError(f"{uri} not found: run the stage1 stage first (python -m flows.stage1)")
-    return storage.read_json(uri)["digest"]
+    return digest
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,17 +109,15 @@ def run_encode(cfg: Config) -> dict[str, Any]:
     """The `encode` stage: latent shards for every split, then data/latents/stats.json."""
     import ray
 
-    from ulcore.data.ray_init import ensure_ray
-
     check_model_matches_data(cfg)
     encoder_id = encoder_digest(cfg)
-    shards_root = storage.join(cfg.storage.root, "data", "shards")
+    root = cfg.storage.root
     jobs = []
     for split in cfg.data.splits:
-        for shard in list_shards(storage.join(shards_root, split), split):
-            jobs.append((shard, storage.join(latents_root(cfg), split, os.path.basename(shard)), split))
+        for shard in list_shards(layout.shards(root, split), split):
+            jobs.append((shard, storage.join(layout.latents(root, split), os.path.basename(shard)), split))
     if not jobs:
-        raise FileNotFoundError(f"no finished image shards under {shards_root}: run the shard stage first")
+        raise FileNotFoundError(f"no finished image shards under {layout.shards(root)}: run the shard stage first")
     ensure_ray(cfg.ray)
     task = ray.remote(encode_shard).options(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=2,
                                             retry_exceptions=storage.transient_errors())
@@ -134,11 +129,10 @@ def run_encode(cfg: Config) -> dict[str, Any]:
         entry = stats["splits"].setdefault(split, {"shards": 0, "samples": 0})
         entry["shards"] += 1
         entry["samples"] += r["samples"]
-    stats_uri = storage.join(latents_root(cfg), "stats.json")
-    storage.write_json(stats_uri, stats)
+    storage.write_json(layout.latents_stats(root), stats)
     skipped = sum(bool(r.get("skipped")) for r in results)
     rows = "\n".join(f"| {s} | {v['shards']} | {v['samples']} |" for s, v in stats["splits"].items())
-    return {"latents": latents_root(cfg), "stats": stats, "shards_written": len(results) - skipped,
+    return {"latents": layout.latents(root), "stats": stats, "shards_written": len(results) - skipped,
             "shards_skipped": skipped,
             "markdown": f"## encode\n\n| split | shards | samples |\n|---|---|---|\n{rows}\n\n"
                         f"latent std (train): {stats['train_channels'].get('overall_std', float('nan')):.4g}"}

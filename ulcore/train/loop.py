@@ -12,7 +12,6 @@ the two apart (it retries every worker error), so Ray itself is told never to re
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import resource
 import tempfile
 import time
@@ -24,13 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulcore import storage, tracking
+from ulcore import layout, storage, tracking
 from ulcore.config import Config, TrainConfig, check_model_matches_data, config_from_dict
+from ulcore.data.shards import content_digest
 from ulcore.errors import first_non_retryable
-from ulcore.train.checkpoint import Progress, latest_checkpoint, load_state, materialize, save_state
+from ulcore.models import export_modules
+from ulcore.runtime import autocast, ensure_ray, requested_address, resolve_precision
+from ulcore.train.checkpoint import META_FILE, Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
-from ulcore.train.precision import autocast, resolve_precision
 
 Batch = dict[str, Any]
 
@@ -40,7 +41,7 @@ class StageSpec:
     """What makes a training stage different from another; the loop below is shared."""
 
     name: str  # "stage1" | "stage2": also the params section with the TrainConfig
-    build: Callable[[Config], nn.Module]  # the objective: forward(batch, generator) -> dict of per-example terms
+    build: Callable[[Config], nn.Module]  # the objective: forward(batch, generator) -> its terms dataclass
     batches: Callable[[Config, int, int, int, int], Iterator[Batch]]  # (cfg, per-rank batch, rank, world, seed)
     monitor: Callable[[Config, nn.Module, int, str, str], dict[str, float]]  # rank 0, EMA objective -> metrics
     sections: tuple[str, ...]  # params sections whose change invalidates checkpoints and exports
@@ -49,9 +50,9 @@ class StageSpec:
         return getattr(cfg, self.name)
 
 
-def stage_spec(name: str) -> StageSpec:
-    """Look a spec up by name (workers receive names, not closures)."""
-    return importlib.import_module(f"ulcore.train.{name}").SPEC
+def named_terms(terms: Any) -> dict[str, torch.Tensor]:
+    """`loss` and every per-example term of an objective's forward (a dataclass with a `loss`), as logged."""
+    return {"loss": terms.loss, **vars(terms)}
 
 
 # Keys that change how a step is computed, not what it computes: switching activation checkpointing on after an
@@ -62,13 +63,9 @@ DATA_ERROR_KEYS = ("bad_shards", "bad_samples")  # what the readers skipped (loa
 
 def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
     """Identity of a training run: the sections it depends on plus a digest of its input data."""
-    import hashlib
-    import json
-
     relevant = {s: {k: v for k, v in cfg.to_dict()[s].items() if k not in EXECUTION_ONLY_KEYS}
                 for s in spec.sections}
-    text = json.dumps({"params": relevant, "inputs": inputs_digest}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return layout.digest({"params": relevant, "inputs": inputs_digest})
 
 
 def lr_at(samples: int, t: TrainConfig) -> float:
@@ -122,7 +119,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in their own folder: resolve against the driver's
         cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
             cfg.storage, root=str(Path(loop_config["driver_cwd"], cfg.storage.root).resolve())))
-    spec = stage_spec(loop_config["stage"])
+    spec: StageSpec = loop_config["spec"]  # pickled by reference: its functions and classes are module-level
+
+    # Build: nets, EMA, optimiser, LR schedule and clipper, identical on every rank.
     t = spec.train_config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -136,6 +135,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     clipper = GradClipper(t.grad_clip_mode, t.grad_clip)
     progress = Progress(samples=0, step=0)
 
+    # Resume from the checkpoint the driver picked.
     resume_uri = loop_config.get("resume_from")  # the driver's pick, checked intact (not Ray's newest, unchecked)
     if resume_uri:
         with tempfile.TemporaryDirectory() as tmp:
@@ -151,6 +151,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[{spec.name}] resumed at {progress.samples} samples (step {progress.step})", flush=True)
 
+    # Wrap for DDP; open the data at the resumed position.
     model = ray.train.torch.prepare_model(objective) if world > 1 else objective
     per_rank = t.batch_size // world
     data_seed = (t.seed * 1_000_003 + progress.samples) % 2**31  # a fresh, reproducible stream after each resume
@@ -159,11 +160,14 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     sums: dict[str, float] = {}
     count, tic, first_step = 0, time.perf_counter(), progress.step
     while progress.samples < t.total_samples:
+        # Forward: the per-example terms, reduced once here.
         batch = next(batches)
         gen = step_generator(t.seed, rank, progress.step, device)
         with autocast(precision, device):
-            terms = model({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, gen)
+            terms = named_terms(model({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, gen))
         loss = terms["loss"].mean()
+
+        # Guard: skip a non-finite step on every rank; stop after max_bad_steps in a row.
         if not _all_finite(loss, world):
             progress = Progress(progress.samples + t.batch_size, progress.step + 1, progress.bad_steps + 1)
             if rank == 0:
@@ -174,6 +178,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                                          f"lower {spec.name}.lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             continue
+
+        # Step: backward, clip, AdamW, LR schedule, EMA.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm, clipped = clipper.clip_(objective.parameters())  # DDP: the same all-reduced norm on every rank
@@ -187,6 +193,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         sums["clip_fraction"] = sums.get("clip_fraction", 0.0) + float(clipped)  # share of the interval's steps
         count += 1
 
+        # Metrics: interval means on every rank, EMA monitoring at checkpoints on rank 0.
         at_log = progress.samples % t.log_every_samples == 0 or progress.samples >= t.total_samples
         at_ckpt = progress.samples % t.ckpt_every_samples == 0 or progress.samples >= t.total_samples
         if not (at_log or at_ckpt):
@@ -203,6 +210,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             if run_id:
                 tracking.log_metrics(run_id, metrics, step=progress.samples, tracking_uri=uri)
         sums, count, tic = {}, 0, time.perf_counter()
+
+        # Checkpoint: rank 0 saves the full training state; every rank reports (Ray Train needs all of them).
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if at_ckpt and rank == 0:
@@ -219,8 +228,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 def _check_resources(cfg: Config) -> None:
     """A local cluster cannot grow: fail now, naming the params, instead of waiting forever for workers."""
     import ray
-
-    from ulcore.data.ray_init import requested_address
 
     if requested_address(cfg.ray)[0]:
         return  # a real cluster may autoscale
@@ -244,20 +251,19 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ulcore.data.ray_init import ensure_ray, requested_address
     from ulcore.train.process_group import BoundTorchConfig
 
     ensure_ray(cfg.ray)
     _check_resources(cfg)
     t = spec.train_config(cfg)
-    ckpt_root = storage.join(cfg.storage.root, "checkpoints")
+    ckpt_root = layout.checkpoints(cfg.storage.root)
     run_name = f"{spec.name}-{digest}"
     storage_path = ckpt_root if storage.is_s3(ckpt_root) else str(Path(ckpt_root).resolve())
     local = Path(tempfile.mkdtemp(prefix=f"ul-{spec.name}-final-"))
     for attempt in range(cfg.ray.max_failures + 1):
         resume_from = latest_checkpoint(storage.join(storage_path, run_name), digest)
         if resume_from:
-            done = storage.read_json(storage.join(resume_from, "meta.json"))["samples"] >= t.total_samples
+            done = storage.read_json(storage.join(resume_from, META_FILE))["samples"] >= t.total_samples
             print(f"[{spec.name}] found checkpoint {resume_from}: {'already complete' if done else 'resuming'}",
                   flush=True)
             if done:
@@ -266,7 +272,7 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
             worker_loop,
             # a local run's process group listens on loopback only; on a cluster, on rank 0's Ray node IP
             torch_config=BoundTorchConfig(bind_address="" if requested_address(cfg.ray)[0] else "127.0.0.1"),
-            train_loop_config={"config": cfg.to_dict(), "stage": spec.name, "digest": digest,
+            train_loop_config={"config": cfg.to_dict(), "spec": spec, "digest": digest,
                                "resume_from": resume_from, "mlflow_run_id": run_id,
                                "tracking_uri": tracking.tracking_uri(cfg), "driver_cwd": str(Path.cwd())},
             scaling_config=ray.train.ScalingConfig(
@@ -299,8 +305,6 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
 def input_digest(uri: str, what: str) -> str:
     """Content hash of a stage's input manifest (without its run statistics: shards.content_digest); a clear
     error when the upstream stage has not run."""
-    from ulcore.data.shards import content_digest
-
     if not storage.exists(uri):
         raise FileNotFoundError(f"{uri} not found: run the {what} stage first (python -m flows.{what})")
     return content_digest(storage.read_json(uri))
@@ -310,14 +314,12 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
                        export: Callable[[Config, nn.Module], dict[str, nn.Module]]) -> dict[str, Any]:
     """Shared driver of stage 1 and stage 2: skip when up to date, else train, export the EMA nets, write
     metrics/<stage>.json, and register the models in MLflow under the configured alias."""
-    from ulcore.train.export import export_modules
-
     check_model_matches_data(cfg)
     digest = run_digest(cfg, spec, inputs)
-    out = storage.join(cfg.storage.root, "models", spec.name)
-    metrics_uri = storage.join(cfg.storage.root, "metrics", f"{spec.name}.json")
-    done_uri = storage.join(out, "done.json")
-    if storage.exists(done_uri) and storage.read_json(done_uri).get("digest") == digest and storage.exists(metrics_uri):
+    out = layout.model_dir(cfg.storage.root, spec.name)
+    metrics_uri = layout.metrics(cfg.storage.root, spec.name)
+    done_uri = layout.done_marker(cfg.storage.root, spec.name)
+    if layout.is_done(done_uri, digest) and storage.exists(metrics_uri):
         print(f"[{spec.name}] up to date ({out}, digest {digest}): nothing to do", flush=True)
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:

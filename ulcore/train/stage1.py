@@ -7,12 +7,13 @@ target and input and through the decoder's conditioning (docs/method.md §4, §7
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ulcore import storage, tracking
+from ulcore import layout, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
 from ulcore.diffusion import sampling
@@ -20,6 +21,7 @@ from ulcore.diffusion.losses import (bits_per_pixel, bits_per_subpixel, diffusio
                                      sigmoid_weighted_loss)
 from ulcore.diffusion.sampling import decoder_fn
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule, stratified_times
+from ulcore.eval.image_metrics import psnr
 from ulcore.nets import build_decoder, build_encoder, build_prior, set_activation_checkpointing
 from ulcore.train import images
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
@@ -30,6 +32,23 @@ COLLAPSE_BITS_PER_PIXEL = 1e-3  # below this the latent carries (almost) nothing
 def pixels_per_example(cfg: Config) -> int:
     """H·W (·T for video): the bits/pixel normaliser (docs/method.md (M9))."""
     return cfg.data.resolution**2 * cfg.model.frames
+
+
+@dataclass(frozen=True)
+class Stage1Terms:
+    """Per-example terms of the stage-1 objective, in nats unless named otherwise (docs/method.md §4, §7)."""
+
+    prior_diffusion: Tensor  # L_z's diffusion term (UL Eq. 3 with w = 1)
+    prior_kl_1: Tensor  # L_z's KL at λ(1)
+    decoder: Tensor  # L_x: the sigmoid-weighted decoder loss, times c_lf
+    bits_per_pixel: Tensor  # L_z / (ln 2 · H·W·T): the latent's bitrate bound (docs/method.md (M9))
+    bits_per_subpixel: Tensor  # the same ÷ C
+    latent_std: Tensor  # not a loss: the std of z_clean, to watch the latent's scale
+
+    @property
+    def loss(self) -> Tensor:
+        """L_z + L_x: what the optimiser minimises (no stop-gradient)."""
+        return self.prior_diffusion + self.prior_kl_1 + self.decoder
 
 
 class Stage1Objective(nn.Module):
@@ -46,7 +65,7 @@ class Stage1Objective(nn.Module):
         self.pixels, self.channels = pixels_per_example(cfg), m.in_channels
         self.config = cfg  # the resolved config travels with the nets (sampling reads schedules from it)
 
-    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> Stage1Terms:
         """Draws come from `gen` on its own device (the training loop gives one on the nets' device)."""
         x = loaders.to_float(batch["x"])
         n = x.shape[0]
@@ -63,15 +82,9 @@ class Stage1Objective(nn.Module):
         decoder = sigmoid_weighted_loss(decoder_fn(self.decoder, z0), x, times(), normal(x), self.decoder_schedule,
                                         self.decoder_bias, self.loss_factor)
         bpp = bits_per_pixel(prior.total, self.pixels)
-        return {
-            "loss": prior.total + decoder,
-            "prior_diffusion": prior.diffusion,
-            "prior_kl_1": prior.kl_1,
-            "decoder": decoder,
-            "bits_per_pixel": bpp,
-            "bits_per_subpixel": bits_per_subpixel(bpp, self.channels),
-            "latent_std": z_clean.detach().float().flatten(1).std(1),
-        }
+        return Stage1Terms(prior_diffusion=prior.diffusion, prior_kl_1=prior.kl_1, decoder=decoder, bits_per_pixel=bpp,
+                           bits_per_subpixel=bits_per_subpixel(bpp, self.channels),
+                           latent_std=z_clean.detach().float().flatten(1).std(1))
 
 
 def train_batches(cfg: Config, per_rank: int, rank: int, world: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -90,8 +103,6 @@ def heldout_batch(cfg: Config, size: int) -> Tensor:
 
 def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: str | None) -> dict[str, float]:
     """EMA metrics on a fixed held-out batch: bits/pixel, PSNR of reconstructions; grids to MLflow."""
-    from ulcore.eval.image_metrics import psnr
-
     ema = ema.eval()
     x_uint8 = heldout_batch(cfg, cfg.stage1.eval_batch)
     x = loaders.to_float(x_uint8)
@@ -121,7 +132,7 @@ def export(cfg: Config, ema: Stage1Objective) -> dict[str, nn.Module]:
 
 def inputs_digest(cfg: Config) -> str:
     """Version of the shards this stage reads (their summary changes whenever any shard does)."""
-    return input_digest(storage.join(cfg.storage.root, "data", "shards", "summary.json"), "shard")
+    return input_digest(layout.shards_summary(cfg.storage.root), "shard")
 
 
 SPEC = StageSpec(name="stage1", build=Stage1Objective, batches=train_batches, monitor=monitor,

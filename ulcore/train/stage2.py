@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ulcore import storage, tracking
+from ulcore import layout, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
 from ulcore.diffusion import sampling
@@ -21,8 +22,15 @@ from ulcore.diffusion.losses import bits_per_subpixel, sigmoid_weighted_loss
 from ulcore.diffusion.schedule import latent_schedule, stratified_times
 from ulcore.nets import build_base_model, set_activation_checkpointing
 from ulcore.train import images
-from ulcore.train.export import load_stage1, stage1_root
+from ulcore.models import load_stage1, stage1_root
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
+
+
+@dataclass(frozen=True)
+class Stage2Terms:
+    """The stage-2 objective's one per-example term, in nats: the sigmoid(b₂ − λ) weighted ELBO (UL §3.3)."""
+
+    loss: Tensor
 
 
 class Stage2Objective(nn.Module):
@@ -36,7 +44,7 @@ class Stage2Objective(nn.Module):
         self.bias, self.label_dropout, self.null = cfg.stage2.bias, cfg.stage2.label_dropout, cfg.model.num_classes
         self.config = cfg
 
-    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], gen: torch.Generator) -> Stage2Terms:
         z = batch["z"].float()
         n = z.shape[0]
         drop = torch.rand(n, generator=gen, device=gen.device).to(z.device) < self.label_dropout
@@ -45,7 +53,7 @@ class Stage2Objective(nn.Module):
         eps = torch.randn(z.shape, generator=gen, device=gen.device).to(z.device)
         loss = sigmoid_weighted_loss(lambda z_t, lam: self.base(z_t, lam, labels), z, t, eps, self.schedule,
                                      self.bias)
-        return {"loss": loss}
+        return Stage2Terms(loss=loss)
 
 
 def train_batches(cfg: Config, per_rank: int, rank: int, world: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -64,7 +72,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     """Base-model ELBO bitrate on held-out latents (the second estimate, UL Table 5) and a decoded sample grid."""
     ema = ema.eval()
     split = cfg.data.splits[-1]
-    batch = next(iter(loaders.eval_batches(loaders.shard_uris(cfg, "latents", split), batch_size=cfg.stage1.eval_batch,
+    batch = next(iter(loaders.eval_batches(loaders.shard_uris(cfg, "latents", split), batch_size=cfg.stage2.eval_batch,
                                            kind="latents")))
     z, labels = batch["z"].float(), batch["cls"]
     bpp = sampling.elbo_bits_per_pixel(lambda zt, lam: ema.base(zt, lam, labels), z, cfg, seed=cfg.stage2.seed)
@@ -74,8 +82,8 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
         stage1 = _stage1(stage1_root(cfg))
         n = min(16, 2 * cfg.model.num_classes)
         labels = torch.arange(n) % cfg.model.num_classes
-        x = sampling.generate(stage1, ema, labels, seed=cfg.stage2.seed, base_steps=cfg.stage1.eval_steps,
-                              decoder_steps=cfg.stage1.eval_steps)
+        x = sampling.generate(stage1, ema, labels, seed=cfg.stage2.seed, base_steps=cfg.stage2.eval_steps,
+                              decoder_steps=cfg.stage2.eval_steps)
         tracking.log_image(run_id, images.grid(loaders.to_uint8(x)), f"samples/samples_{samples:09d}.png",
                            tracking_uri=uri)
     return metrics
@@ -86,7 +94,7 @@ def export(cfg: Config, ema: Stage2Objective) -> dict[str, nn.Module]:
 
 
 def inputs_digest(cfg: Config) -> str:
-    return input_digest(storage.join(cfg.storage.root, "data", "latents", "stats.json"), "encode")
+    return input_digest(layout.latents_stats(cfg.storage.root), "encode")
 
 
 SPEC = StageSpec(name="stage2", build=Stage2Objective, batches=train_batches, monitor=monitor,

@@ -19,8 +19,8 @@ import pytest
 
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-DRIVER = ("import ray; from ulcore.config import RayConfig; from ulcore.data.ray_init import ensure_ray; "
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ("import ray; from ulcore.config import RayConfig; from ulcore.runtime import ensure_ray; "
           "ensure_ray(RayConfig(num_cpus=1, address={address!r})); "
           "print('GCS', ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
 

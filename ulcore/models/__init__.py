@@ -1,7 +1,8 @@
 """Exported models: EMA weights as safetensors plus the resolved config, so a model folder describes itself.
 
 models/stage1/{encoder,decoder,prior}.safetensors + config.yaml ; models/stage2/base.safetensors + config.yaml.
-Loading never unpickles: safetensors for weights, YAML for the config.
+Loading never unpickles: safetensors for weights, YAML for the config. The same files registered in MLflow are a
+pyfunc model of class `ulcore.models.pyfunc.SafetensorsBundle` (its own module: it imports MLflow).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import nn
 
-from ulcore import storage
+from ulcore import layout, storage
 from ulcore.config import Config, config_from_dict
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule
 from ulcore.nets import build_base_model, build_decoder, build_encoder, build_prior
@@ -87,11 +88,11 @@ class Stage2Bundle:
 
 
 def stage1_root(cfg: Config) -> str:
-    return storage.join(cfg.storage.root, "models", "stage1")
+    return layout.model_dir(cfg.storage.root, "stage1")
 
 
 def stage2_root(cfg: Config) -> str:
-    return storage.join(cfg.storage.root, "models", "stage2")
+    return layout.model_dir(cfg.storage.root, "stage2")
 
 
 def load_stage1(root: str) -> Stage1Bundle:
