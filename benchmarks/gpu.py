@@ -131,7 +131,8 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def check_sampling(models: str, n: int, device: torch.device) -> None:
     from ulcore.data.loaders import to_float, to_uint8
-    from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
+    from ulcore.diffusion.bitrate import base_bits_per_pixel, prior_bits_per_pixel
+    from ulcore.diffusion.sampling import generate, reconstruct
     from ulcore.train.export import load_stage1, load_stage2
 
     s1 = {"cpu": load_stage1(os.path.join(models, "stage1"))}

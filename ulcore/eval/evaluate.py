@@ -101,7 +101,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     from ulcore import tracking
     from ulcore.data.loaders import eval_batches, shard_uris, to_float, to_uint8
     from ulcore.diffusion.losses import bits_per_subpixel
-    from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
+    from ulcore.diffusion.bitrate import base_bits_per_pixel, prior_bits_per_pixel
+    from ulcore.diffusion.sampling import generate, reconstruct
     from ulcore.train.export import load_stage1, load_stage2, stage1_root, stage2_root
     from ulcore.train.precision import compute_device
 

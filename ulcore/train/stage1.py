@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ulcore import storage, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
-from ulcore.diffusion import sampling
+from ulcore.diffusion import bitrate, sampling
 from ulcore.diffusion.losses import (bits_per_pixel, bits_per_subpixel, diffusion_elbo, encode_noise,
                                      sigmoid_weighted_loss)
 from ulcore.diffusion.sampling import decoder_fn
@@ -96,7 +96,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     x_uint8 = heldout_batch(cfg, cfg.stage1.eval_batch)
     x = loaders.to_float(x_uint8)
     rec = sampling.reconstruct(ema, x, seed=cfg.stage1.seed, steps=cfg.stage1.eval_steps)
-    bpp = sampling.prior_bits_per_pixel(ema, x, seed=cfg.stage1.seed).mean().item()
+    bpp = bitrate.prior_bits_per_pixel(ema, x, seed=cfg.stage1.seed).mean().item()
     latent_std = ema.encoder(x).float().std().item()
     metrics = {"ema_psnr": float(psnr(loaders.to_uint8(rec), x_uint8).mean()), "ema_bits_per_pixel": bpp,
                "ema_bits_per_subpixel": bits_per_subpixel(bpp, cfg.model.in_channels), "ema_latent_std": latent_std}

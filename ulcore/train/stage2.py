@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ulcore import storage, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
-from ulcore.diffusion import sampling
+from ulcore.diffusion import bitrate, sampling
 from ulcore.diffusion.losses import bits_per_subpixel, sigmoid_weighted_loss
 from ulcore.diffusion.schedule import latent_schedule, stratified_times
 from ulcore.nets import build_base_model, set_activation_checkpointing
@@ -67,7 +67,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     batch = next(iter(loaders.eval_batches(loaders.shard_uris(cfg, "latents", split), batch_size=cfg.stage1.eval_batch,
                                            kind="latents")))
     z, labels = batch["z"].float(), batch["cls"]
-    bpp = sampling.elbo_bits_per_pixel(lambda zt, lam: ema.base(zt, lam, labels), z, cfg, seed=cfg.stage2.seed)
+    bpp = bitrate.elbo_bits_per_pixel(lambda zt, lam: ema.base(zt, lam, labels), z, cfg, seed=cfg.stage2.seed)
     metrics = {"ema_bits_per_pixel_base": bpp.mean().item(),
                "ema_bits_per_subpixel_base": bits_per_subpixel(bpp, cfg.model.in_channels).mean().item()}
     if run_id:
