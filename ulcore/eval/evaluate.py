@@ -38,7 +38,8 @@ from ulcore import storage
 from ulcore.config import Config
 from ulcore.eval import reports
 from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
-from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted_clips
+from ulcore.eval.fvd import fvd_protocol, predicted_clips
+from ulcore.eval.i3d import I3DFeatures, I3DUnavailable
 from ulcore.eval.image_metrics import psnr, ssim
 from ulcore.eval.inception import extractor_on, resolve_fid_weights
 from ulcore.eval.reference import Reference, frames, splits, take
