@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ulcore import storage
+from ulcore import images, storage
 from ulcore.config import Config
 from ulcore.eval import reports
 from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
@@ -282,21 +282,21 @@ def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen,
         if grid_real:
             real = torch.cat(grid_real)[:e.grid_size]
             rec = torch.cat(grid_rec)[:e.grid_size]
-            grid = reports.paired_grid(real, rec)
-            reports.save_png(grid, out / "reconstructions.png")
+            grid = images.paired_grid(real, rec)
+            images.save_png(grid, out / "reconstructions.png")
             tracking.log_image(run_id, grid, "outputs/reconstructions.png")
         if grid_gen:
             gen = torch.cat(grid_gen)[:e.grid_size]
-            grid = reports.image_grid(gen[:, :, 0] if gen.ndim == 5 else gen)
-            reports.save_png(grid, out / "samples.png")
+            grid = images.image_grid(gen[:, :, 0] if gen.ndim == 5 else gen)
+            images.save_png(grid, out / "samples.png")
             tracking.log_image(run_id, grid, "outputs/samples.png")
             np.savez_compressed(out / "samples.npz", images=gen.numpy(),
                                 labels=(np.arange(gen.shape[0]) % cfg.model.num_classes))
         if grid_pred:  # frame prediction: each held-out clip's row, then its prediction's row (one frame a column)
             real = torch.cat([r for r, _ in grid_pred])[:e.grid_size]
             pred = torch.cat([q for _, q in grid_pred])[:e.grid_size]
-            grid = reports.image_grid(torch.stack([real, pred], dim=1).flatten(0, 1))
-            reports.save_png(grid, out / "predictions.png")
+            grid = images.image_grid(torch.stack([real, pred], dim=1).flatten(0, 1))
+            images.save_png(grid, out / "predictions.png")
             tracking.log_image(run_id, grid, "outputs/predictions.png")
             np.savez_compressed(out / "predictions.npz", real=real.numpy(), predicted=pred.numpy(),
                                 context_frames=e.fvd_context_frames)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ulcore import storage, tracking
+from ulcore import images, storage, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
 from ulcore.diffusion import bitrate, sampling
@@ -21,7 +21,6 @@ from ulcore.diffusion.losses import (bits_per_pixel, bits_per_subpixel, diffusio
 from ulcore.diffusion.sampling import decoder_fn
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule, stratified_times
 from ulcore.nets import build_decoder, build_encoder, build_prior, set_activation_checkpointing
-from ulcore.train import images
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
 
 COLLAPSE_BITS_PER_PIXEL = 1e-3  # below this the latent carries (almost) nothing: UL's posterior collapse
@@ -108,10 +107,10 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
         z0 = sampling.sample_prior(ema, n, seed=cfg.stage1.seed, steps=cfg.stage1.eval_steps)
         noise = sampling.PerSampleNoise(x.shape[1:], sampling.sample_seeds(cfg.stage1.seed + 1, range(n)))
         fake = sampling.decode(ema.decoder, z0, ema.decoder_schedule, noise=noise, steps=cfg.stage1.eval_steps)
-        tracking.log_image(run_id, images.grid(torch.cat([x_uint8[:n], loaders.to_uint8(rec[:n])])),
+        tracking.log_image(run_id, images.image_grid(torch.cat([x_uint8[:n], loaders.to_uint8(rec[:n])])),
                            f"reconstructions/samples_{samples:09d}.png", tracking_uri=uri)
-        tracking.log_image(run_id, images.grid(loaders.to_uint8(fake)), f"prior_samples/samples_{samples:09d}.png",
-                           tracking_uri=uri)
+        tracking.log_image(run_id, images.image_grid(loaders.to_uint8(fake)),
+                           f"prior_samples/samples_{samples:09d}.png", tracking_uri=uri)
     return metrics
 
 
