@@ -18,8 +18,7 @@ import torch
 
 from ulcore.eval.fid import FeatureStats, fid_from_stats, feature_statistics
 from ulcore.eval.i3d import I3D_MIN_FRAMES, I3D_SIZE, I3DFeatures, I3DUnavailable
-
-PREDICTION_SEED_OFFSET = 5  # predicted clips use noise streams eval.seed + 5 .. + 8 (generate() takes four)
+from ulcore.eval.protocol import EvalProtocol
 
 
 def fvd(real_clips: torch.Tensor, fake_clips: torch.Tensor, weights: str, *,
@@ -45,47 +44,49 @@ def fvd_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def predicted_clips(stage1, stage2, held_out: Callable[[], Iterable[dict]],
-                    cfg) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(real, predicted) uint8 clip batches for eval.num_samples samples: sample i continues held-out clip i mod N_val
-    (`held_out()` yields the split in shard order; it is read again when the split is shorter) from its first
-    eval.fvd_context_frames frames, with per-sample seeds from (eval.seed + PREDICTION_SEED_OFFSET, i) and the null
-    class label (frames are the only conditioning, as in the frame-prediction literature). predicted[:, :, :c] equals
+                    protocol: EvalProtocol) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(real, predicted) uint8 clip batches for N = protocol.num_samples samples: sample i continues held-out clip
+    i mod N_val (`held_out()` yields the split in shard order; it is read again when the split is shorter) from its
+    first protocol.context_frames frames, with per-sample seeds from (protocol.prediction_seed, i) and the null class
+    label (frames are the only conditioning, as in the frame-prediction literature). predicted[:, :, :c] equals
     real[:, :, :c] exactly: the decoder's replacement ends on the real frames, which round-trip through float."""
     from ulcore.data.loaders import to_float, to_uint8
     from ulcore.diffusion.sampling import generate
 
-    e, c = cfg.eval, cfg.eval.fvd_context_frames
+    p, c = protocol, protocol.context_frames
     device = next(stage2.base.parameters()).device
     done = 0
-    while done < e.num_samples:
+    while done < p.num_samples:
         before = done
         for batch in held_out():
-            real = torch.as_tensor(batch["x"][: e.num_samples - done])
+            real = torch.as_tensor(batch["x"][: p.num_samples - done])
             if real.shape[0] == 0:
                 break
-            labels = torch.full((real.shape[0],), cfg.model.num_classes, dtype=torch.int64, device=device)
-            predicted = generate(stage1, stage2, labels, seed=e.seed + PREDICTION_SEED_OFFSET, sampler=e.sampler,
-                                 base_steps=e.base_steps, decoder_steps=e.decoder_steps, guidance=e.guidance,
-                                 guidance_interval=e.guidance_interval, indices=range(done, done + real.shape[0]),
+            labels = torch.full((real.shape[0],), p.num_classes, dtype=torch.int64, device=device)
+            predicted = generate(stage1, stage2, labels, seed=p.prediction_seed, sampler=p.sampler,
+                                 base_steps=p.base_steps, decoder_steps=p.decoder_steps, guidance=p.guidance,
+                                 guidance_interval=p.guidance_interval, indices=range(done, done + real.shape[0]),
                                  context=to_float(real[:, :, :c].to(device)),
-                                 reconstruction_guidance=e.fvd_reconstruction_guidance)
+                                 reconstruction_guidance=p.reconstruction_guidance)
             yield real, to_uint8(predicted).cpu()
             done += real.shape[0]
         if done == before:
             raise ValueError("frame prediction: the held-out split has no clips to take the context from")
 
 
-def fvd_protocol(cfg, i3d: I3DFeatures | None, *, train_split: str, eval_split: str) -> dict[str, Any]:
+def fvd_protocol(cfg, i3d: I3DFeatures | None, protocol: EvalProtocol) -> dict[str, Any]:
     """The FVD protocol fields logged with the number (eval.json, MLflow)."""
-    m, e, c = cfg.model, cfg.eval, cfg.eval.fvd_context_frames
-    common = {"weights": e.i3d_weights, "sha256": getattr(i3d, "sha256", None), "format": getattr(i3d, "kind", None),
-              "min_frames": I3D_MIN_FRAMES, "resolution": I3D_SIZE, "frames": m.frames}
+    m, c = cfg.model, protocol.context_frames
+    train_split, eval_split = protocol.train_split, protocol.eval_split
+    common = {"weights": cfg.eval.i3d_weights, "sha256": getattr(i3d, "sha256", None),
+              "format": getattr(i3d, "kind", None), "min_frames": I3D_MIN_FRAMES, "resolution": I3D_SIZE,
+              "frames": m.frames}
     if c == 0:
         return {**common, "reference": f"{train_split} clips", "context_frames": 0, "generated_frames": m.frames,
                 "context_included": False, "conditioning": "none (unconditional clips, labels i mod num_classes)",
                 "summary": f"unconditional {m.frames}-frame clips vs {train_split} clips"}
-    latent, w = c // m.temporal_downsample, e.fvd_reconstruction_guidance
-    seed = e.seed + PREDICTION_SEED_OFFSET
+    latent, w = c // m.temporal_downsample, protocol.reconstruction_guidance
+    seed = protocol.prediction_seed
     return {**common, "reference": f"{eval_split} clips (the clips the context comes from)",
             "context_frames": c, "generated_frames": m.frames - c, "context_included": True,
             "conditioning": f"replacement (Ho et al. 2022 §3.1): latent frames 0..{latent - 1} in the base model, "
@@ -99,5 +100,4 @@ def fvd_protocol(cfg, i3d: I3DFeatures | None, *, train_split: str, eval_split: 
                        + (f" + reconstruction guidance {w:g}" if w else "")
                        + f", FVD on all {m.frames} frames (context included) vs {eval_split} clips"}
 
-
-__all__ = ["fvd", "fvd_from_stats", "predicted_clips", "fvd_protocol", "PREDICTION_SEED_OFFSET"]
+__all__ = ["fvd", "fvd_from_stats", "predicted_clips", "fvd_protocol"]

@@ -25,7 +25,7 @@ import torch
 
 from ulcore import storage
 from ulcore.config import Config
-from ulcore.eval.fid import (RunningStats, data_fingerprint, load_reference_stats, reference_key,
+from ulcore.eval.fid import (FeatureStats, RunningStats, data_fingerprint, load_reference_stats, reference_key,
                              store_reference_stats)
 
 
@@ -51,17 +51,25 @@ def splits(cfg: Config) -> tuple[str, str]:
 
 
 class Reference:
-    """Reference statistics of real images for one split: loaded from the cache, or accumulated through
-    `running` (by `fill`, or by an evaluation that reads these images anyway) and stored by `finish`."""
+    """Reference statistics of real images for one split: loaded from the cache, or computed (by `fill`, or by an
+    evaluation phase that reads these images anyway) and stored by `store`."""
 
     def __init__(self, cfg: Config, split: str, uris: list[str], n: int, weights_sha: str) -> None:
         self.root, self.split, self.uris = cfg.storage.root, split, uris
         self.key_hash, self.key = reference_key(split=split, resolution=cfg.data.resolution,
                                                 weights_sha256=weights_sha, n=n,
                                                 data_fingerprint=data_fingerprint(uris), frames=cfg.model.frames)
+        self.load()
+
+    def load(self) -> None:
+        """Read the cache (again: another Reference with the same key may have stored it since)."""
         found = load_reference_stats(self.root, self.key_hash, self.key)
         self.stats, self.info = found if found else (None, None)
-        self.running = RunningStats() if found is None else None
+
+    @property
+    def needed(self) -> bool:
+        """Not cached: whoever reads these images computes the statistics."""
+        return self.stats is None
 
     @property
     def n(self) -> int:
@@ -72,19 +80,19 @@ class Reference:
         """Compute the statistics from the split's first N images (all of them for N = 0) and store them."""
         from ulcore.data.loaders import eval_batches
 
-        seen = 0
+        running, seen = RunningStats(), 0
         for _, batch in take(eval_batches(self.uris, batch_size=batch_size, kind="images"), self.n or sys.maxsize):
-            self.running.add(extractor(frames(batch["x"])))
+            running.add(extractor(frames(batch["x"])))
             seen += batch["x"].shape[0]
-        self.finish(seen)
+        self.store(running.stats(), seen)
 
-    def finish(self, n_seen: int) -> None:
-        if self.stats is None:
-            self.stats = self.running.stats()
-            if n_seen == self.n or self.n == 0:  # 0: the whole split, however many it holds
-                self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
-            else:  # fewer images than asked for: do not cache under a key that claims N
-                self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
+    def store(self, stats: FeatureStats, n_seen: int) -> None:
+        """Keep statistics of the split's first `n_seen` images; cached when they are the N the key names."""
+        self.stats = stats
+        if n_seen == self.n or self.n == 0:  # 0: the whole split, however many it holds
+            self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
+        else:  # fewer images than asked for: do not cache under a key that claims N
+            self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
 
 
 def run_reference(cfg: Config) -> dict[str, Any]:
@@ -101,7 +109,7 @@ def run_reference(cfg: Config) -> dict[str, Any]:
     extractor, computed, infos = None, [], {}
     for role, (split, n) in plan.items():  # one after the other: the same key twice is computed once
         ref = Reference(cfg, split, shard_uris(cfg, "images", split), n, weights.sha256)
-        if ref.stats is None:
+        if ref.needed:
             if extractor is None:
                 extractor = extractor_on(compute_device(cfg), weights, e.batch_size)
             print(f"[reference] {role}: FID statistics of {n or 'all'} {split} images", flush=True)
