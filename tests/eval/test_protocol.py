@@ -9,7 +9,8 @@ from ulcore.eval.protocol import MONITORING_BELOW, EvalProtocol
 def _protocol(*overrides: str) -> EvalProtocol:
     cfg = load_config(None, list(overrides))
     return EvalProtocol.from_config(cfg, train_split="train", eval_split="val", gfid_reference_key="a" * 16,
-                                    rfid_reference_key="b" * 16, fid_network={"fid_weights_sha256": "c" * 64})
+                                    rfid_reference_key="b" * 16, floor_reference_key="d" * 16,
+                                    fid_network={"fid_weights_sha256": "c" * 64})
 
 
 def test_each_phase_has_its_own_noise_streams():

@@ -15,6 +15,8 @@ phases that compute the statistics are in phases.py):
   unconditional clips vs training clips, or with eval.fvd_context_frames = c > 0 the Kinetics-600 frame-prediction
   protocol (UL §5.7): held-out clip i mod N_val's first c real frames + generated rest (replacement conditioning,
   fvd.predicted_clips), FVD on the full clips, context included, vs those held-out clips.
+- FID floor: FID between the first `num_samples` training images and the rFID reference images - real vs real at
+  the N of gFID, the best a generator can score there (reference.fid_floor; cached with the references).
 - num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
   published 50k-sample numbers; eval.json says so.
 Rerun with nothing changed does no work: eval.json stores a digest of every input (models, shards, params,
@@ -45,9 +47,9 @@ from ulcore.eval.phases import (FeatureNets, Generation, Models, Prediction, Rec
                                 feature_nets, generation_phase, prediction_phase, reconstruction_phase,
                                 reference_phase)
 from ulcore.eval.protocol import EvalProtocol
-from ulcore.eval.reference import Reference, splits
+from ulcore.eval.reference import Reference, fid_floor, floor_reference, splits
 
-METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
+METRIC_KEYS = ("gfid", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
                "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd")
 
 
@@ -146,9 +148,10 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     nets = feature_nets(cfg, device, weights)
     train_ref = Reference(cfg, train_split, shards[train_split], cfg.eval.reference_samples, weights.sha256)
     val_ref = Reference(cfg, eval_split, shards[eval_split], cfg.eval.num_samples, weights.sha256)
+    floor_ref = floor_reference(cfg, shards[train_split], weights.sha256, train_ref, val_ref)
     protocol = EvalProtocol.from_config(cfg, train_split=train_split, eval_split=eval_split,
                                         gfid_reference_key=train_ref.key_hash, rfid_reference_key=val_ref.key_hash,
-                                        fid_network=weights.protocol())
+                                        floor_reference_key=floor_ref.key_hash, fid_network=weights.protocol())
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -158,11 +161,16 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     timings["reconstruction_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if train_ref.needed:
-        train_ref.load()  # one split serving as both: the reconstruction phase may have just stored it
-    ref = reference_phase(protocol, nets, shards[train_split], fid_stats=train_ref.needed)
+    for r in (train_ref, floor_ref):
+        if r.needed:
+            r.load()  # one split serving as both: the reconstruction phase may have just stored it
+    ref = reference_phase(protocol, nets, shards[train_split], fid_stats=train_ref.needed,
+                          floor_stats=floor_ref.needed and floor_ref is not train_ref)
     if train_ref.needed:
         train_ref.store(ref.fid, ref.fid_images)
+    if floor_ref.needed:
+        floor_ref.store(ref.floor, ref.floor_images)
+    floor, _ = fid_floor(floor_ref, val_ref)
     timings["reference_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -175,7 +183,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         pred = prediction_phase(models, protocol, nets, shards[eval_split])
         timings["prediction_s"] = time.perf_counter() - t0
 
-    result = summarise(cfg, protocol, nets, rec, ref, gen, pred, train_ref=train_ref, val_ref=val_ref)
+    result = summarise(cfg, protocol, nets, rec, ref, gen, pred, train_ref=train_ref, val_ref=val_ref,
+                       floor_ref=floor_ref, floor=floor)
     if models.stage2 is None:
         result["gfid_unavailable_reason"] = f"{where.stage2}: no stage-2 model exported yet"
     if cfg.is_video:
@@ -189,9 +198,10 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
 
 def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Reconstruction, ref: ReferencePass,
-              gen: Generation | None, pred: Prediction | None, *, train_ref: Reference, val_ref: Reference
-              ) -> dict[str, Any]:
-    """The numbers of eval.json from the phases' statistics: every Fréchet distance is taken here."""
+              gen: Generation | None, pred: Prediction | None, *, train_ref: Reference, val_ref: Reference,
+              floor_ref: Reference, floor: float) -> dict[str, Any]:
+    """The numbers of eval.json from the phases' statistics: every Fréchet distance is taken here, but the FID
+    floor (reference.fid_floor: cached with the references)."""
     gfid = fvd_value = None
     fvd_reason = nets.fvd_unavailable_reason
     if gen is not None:
@@ -203,14 +213,15 @@ def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Recon
     if pred is not None:
         fvd_value = fid_from_stats(rec.i3d_real, pred.i3d)
     result: dict[str, Any] = {
-        "gfid": gfid, "rfid": fid_from_stats(val_ref.stats, rec.reconstructed), "psnr": rec.psnr, "ssim": rec.ssim,
+        "gfid": gfid, "fid_floor": floor, "rfid": fid_from_stats(val_ref.stats, rec.reconstructed),
+        "psnr": rec.psnr, "ssim": rec.ssim,
         "bits_per_pixel_prior": rec.bits_per_pixel_prior, "bits_per_pixel_base": rec.bits_per_pixel_base,
         "bits_per_subpixel_prior": rec.bits_per_subpixel_prior, "bits_per_subpixel_base": rec.bits_per_subpixel_base,
         "fvd": fvd_value, "fvd_unavailable_reason": fvd_reason if fvd_value is None else None,
         "rfvd": fid_from_stats(rec.i3d_real, rec.i3d_reconstructed) if rec.i3d_real is not None else None,
     }
     result["protocol"] = protocol.describe(cfg, num_reconstructed=rec.num_images, gfid_reference=train_ref.info,
-                                           rfid_reference=val_ref.info)
+                                           rfid_reference=val_ref.info, floor_reference=floor_ref.info)
     return result
 
 

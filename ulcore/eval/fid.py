@@ -159,6 +159,11 @@ def reference_uri(root: str, key_hash: str) -> str:
     return storage.join(root, "data", "fid_refs", f"{key_hash}.npz")
 
 
+def floor_uri(root: str, train_key_hash: str, held_out_key_hash: str) -> str:
+    """The cached FID floor of two reference statistics, next to them."""
+    return storage.join(root, "data", "fid_refs", f"floor-{train_key_hash}-{held_out_key_hash}.json")
+
+
 def load_reference_stats(root: str, key_hash: str, key: dict) -> tuple[FeatureStats, dict] | None:
     """The cached statistics for `key`, or None when absent or computed from something else."""
     uri = reference_uri(root, key_hash)
@@ -182,5 +187,5 @@ def store_reference_stats(root: str, key_hash: str, key: dict, stats: FeatureSta
 
 
 __all__ = ["FeatureStats", "RunningStats", "feature_statistics", "trace_sqrt_product", "frechet_distance",
-           "fid_from_stats", "reference_key", "data_fingerprint", "reference_uri", "load_reference_stats",
+           "fid_from_stats", "reference_key", "data_fingerprint", "reference_uri", "floor_uri", "load_reference_stats",
            "store_reference_stats"]

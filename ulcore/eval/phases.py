@@ -4,8 +4,8 @@ and grid images, so it can run anywhere (a Ray task, later) and the distances ar
 
 - reconstruction: the first N held-out images -> PSNR, SSIM, both bitrates, reconstruction statistics for rFID (and
   the held-out images' own statistics when the rFID reference is not cached yet, and I3D statistics for video);
-- reference: the training split's statistics for gFID when not cached, and I3D statistics of the first N training
-  clips for unconditional FVD;
+- reference: the training split's statistics for gFID and for the FID floor when not cached, and I3D statistics of
+  the first N training clips for unconditional FVD;
 - generation: N base-model samples -> statistics for gFID (and unconditional FVD);
 - prediction: N clips continued from held-out context frames -> I3D statistics for frame-prediction FVD.
 """
@@ -65,6 +65,8 @@ class Reconstruction:
 class ReferencePass:
     fid: FeatureStats | None  # the gFID reference (only when asked: not cached)
     fid_images: int
+    floor: FeatureStats | None  # the first N training images, the FID floor's training side (only when asked)
+    floor_images: int
     i3d: FeatureStats | None  # the first N training clips (unconditional FVD)
 
 
@@ -169,24 +171,31 @@ def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, ne
         grid_real=_grid(grid_real, p.grid_size), grid_reconstructed=_grid(grid_rec, p.grid_size))
 
 
-def reference_phase(protocol: EvalProtocol, nets: FeatureNets, train: list[str], *,
-                    fid_stats: bool) -> ReferencePass:
-    """The training split's first reference_samples images (0 = all) for gFID when `fid_stats` (not cached), and
-    I3D features of its first N clips for unconditional FVD (frame prediction compares with held-out clips)."""
+def reference_phase(protocol: EvalProtocol, nets: FeatureNets, train: list[str], *, fid_stats: bool,
+                    floor_stats: bool = False) -> ReferencePass:
+    """One pass over the training split: its first reference_samples images (0 = all) for gFID when `fid_stats`
+    (not cached), its first N for the FID floor when `floor_stats`, and I3D features of its first N clips for
+    unconditional FVD (frame prediction compares with held-out clips)."""
     p = protocol
     n_fid = (p.reference_samples or sys.maxsize) if fid_stats else 0
+    n_floor = p.num_samples if floor_stats else 0
     n_fvd = p.num_samples if nets.i3d is not None and not p.context_frames else 0
-    fid, i3d = RunningStats(), RunningStats()
-    n_train = 0
-    if n_fid or n_fvd:
-        for start, batch in take(_batches(train, p), max(n_fid, n_fvd)):
+    fid, floor, i3d = RunningStats(), RunningStats(), RunningStats()
+    n_train = n_floor_seen = 0
+    if n_fid or n_floor or n_fvd:
+        for start, batch in take(_batches(train, p), max(n_fid, n_floor, n_fvd)):
             if start < n_fid:
                 x_ref = batch["x"][:n_fid - start]
                 fid.add(nets.fid(frames(x_ref)))
                 n_train += x_ref.shape[0]
+            if start < n_floor:
+                x_floor = batch["x"][:n_floor - start]
+                floor.add(nets.fid(frames(x_floor)))
+                n_floor_seen += x_floor.shape[0]
             if start < n_fvd:
                 i3d.add(nets.i3d(batch["x"][:n_fvd - start]))
-    return ReferencePass(fid=_stats(fid, fid_stats), fid_images=n_train, i3d=_stats(i3d, bool(n_fvd)))
+    return ReferencePass(fid=_stats(fid, fid_stats), fid_images=n_train, floor=_stats(floor, floor_stats),
+                         floor_images=n_floor_seen, i3d=_stats(i3d, bool(n_fvd)))
 
 
 def generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) -> Generation:

@@ -44,11 +44,12 @@ class EvalProtocol:
     resolution: int
     gfid_reference_key: str  # reference-statistics hashes (fid.reference_key)
     rfid_reference_key: str
+    floor_reference_key: str  # the first N training images: the FID floor against the rFID reference
     fid_network: dict[str, str] = field(default_factory=dict)  # inception.WeightsSource.protocol()
 
     @classmethod
     def from_config(cls, cfg: Config, *, train_split: str, eval_split: str, gfid_reference_key: str,
-                    rfid_reference_key: str, fid_network: dict[str, str]) -> EvalProtocol:
+                    rfid_reference_key: str, floor_reference_key: str, fid_network: dict[str, str]) -> EvalProtocol:
         e = cfg.eval
         return cls(num_samples=e.num_samples, reference_samples=e.reference_samples, seed=e.seed,
                    generation_seed=e.seed, reconstruction_seed=e.seed + RECONSTRUCTION_SEED_OFFSET,
@@ -58,7 +59,8 @@ class EvalProtocol:
                    context_frames=e.fvd_context_frames, reconstruction_guidance=e.fvd_reconstruction_guidance,
                    batch_size=e.batch_size, grid_size=e.grid_size, train_split=train_split, eval_split=eval_split,
                    resolution=cfg.data.resolution, gfid_reference_key=gfid_reference_key,
-                   rfid_reference_key=rfid_reference_key, fid_network=dict(fid_network))
+                   rfid_reference_key=rfid_reference_key, floor_reference_key=floor_reference_key,
+                   fid_network=dict(fid_network))
 
     @property
     def monitoring(self) -> bool:
@@ -66,7 +68,7 @@ class EvalProtocol:
         return self.num_samples < MONITORING_BELOW
 
     def describe(self, cfg: Config, *, num_reconstructed: int, gfid_reference: dict | None,
-                 rfid_reference: dict | None) -> dict[str, Any]:
+                 rfid_reference: dict | None, floor_reference: dict | None = None) -> dict[str, Any]:
         """The protocol as eval.json records it, with what the run found (images reconstructed, reference files)."""
         n, channels = self.num_samples, cfg.model.in_channels
         return {
@@ -82,7 +84,10 @@ class EvalProtocol:
             "bits_per_pixel": "ELBO bound / (ln 2 * H * W * frames), 4 stratified draws per image",
             "bits_per_subpixel": f"bits_per_pixel / {channels} channels (the VDM convention)",
             "reference_samples": self.reference_samples, "gfid_reference": gfid_reference,
-            "rfid_reference": rfid_reference, "monitoring": self.monitoring,
+            "rfid_reference": rfid_reference,
+            "fid_floor": f"FID of the first {n} {self.train_split} examples vs the rFID reference ({n} "
+                         f"{self.eval_split} examples): real vs real at the N of gFID",
+            "fid_floor_reference": floor_reference, "monitoring": self.monitoring,
             "monitoring_note": (f"monitoring FID: N = {n} < {MONITORING_BELOW}; biased upwards, not comparable to "
                                 "50k-sample published numbers") if self.monitoring else "",
         }
