@@ -106,7 +106,8 @@ def check_fid(weights: str, n: int, device: torch.device) -> None:
 def check_i3d(n: int, device: torch.device) -> None:
     """FVD's I3D on CUDA vs the CPU, on a randomly initialised network of the real architecture saved as a state
     dict (agreement does not depend on the weights; no I3D weights ship here), and its clips/s on the GPU."""
-    from ulcore.eval.fvd import I3DFeatures, InceptionI3d
+    from ulcore.eval.i3d import I3DFeatures
+    from ulcore.eval.i3d_net import InceptionI3d
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +132,8 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def check_sampling(models: str, n: int, device: torch.device) -> None:
     from ulcore.data.loaders import to_float, to_uint8
-    from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
+    from ulcore.diffusion.bitrate import base_bits_per_pixel, prior_bits_per_pixel
+    from ulcore.diffusion.sampling import generate, reconstruct
     from ulcore.models import load_stage1, load_stage2
 
     s1 = {"cpu": load_stage1(os.path.join(models, "stage1"))}

@@ -43,7 +43,7 @@ from ulcore.data.imagenet import center_crop  # noqa: E402
 from ulcore.data.loaders import decode_sample  # noqa: E402
 from ulcore.runtime import ensure_ray  # noqa: E402
 from ulcore.data.sharding import run_shard  # noqa: E402
-from ulcore.data.video import decode_clip, encode_mp4, write_video  # noqa: E402
+from ulcore.data.video import encode_mp4, write_video  # noqa: E402
 
 
 def make_images(root: Path, n: int) -> None:

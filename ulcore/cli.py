@@ -35,8 +35,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from ulcore.data.loaders import to_uint8
     from ulcore.diffusion.sampling import generate
+    from ulcore.images import image_grid, png_bytes
     from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
-    from ulcore.train.images import grid, png_bytes
 
     cfg = config_or_exit(args.params, args.overrides)
     stage1, stage2 = load_stage1(stage1_root(cfg)), load_stage2(stage2_root(cfg))
@@ -58,7 +58,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"samples_seed{args.seed}_n{args.n}" + (f"_class{args.class_}" if args.class_ is not None else "")
-    (out / f"{stem}.png").write_bytes(png_bytes(grid(samples)))
+    (out / f"{stem}.png").write_bytes(png_bytes(image_grid(samples)))
     np.savez_compressed(out / f"{stem}.npz", samples=samples.numpy(), seed=args.seed)
     print(f"wrote {out / (stem + '.png')} and {out / (stem + '.npz')} ({args.n} samples, "
           f"models from {layout.models(cfg.storage.root)})")

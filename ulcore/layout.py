@@ -84,6 +84,11 @@ def fid_ref(root: str, key_hash: str) -> str:
     return storage.join(root, FID_REFS, f"{key_hash}.npz")
 
 
+def fid_floor(root: str, train_key_hash: str, held_out_key_hash: str) -> str:
+    """The cached FID floor of two reference statistics, next to them."""
+    return storage.join(root, FID_REFS, f"floor-{train_key_hash}-{held_out_key_hash}.json")
+
+
 def model_dir(root: str, stage: str) -> str:
     """models/stage1 or models/stage2: the exported EMA nets of a training stage."""
     return storage.join(root, MODELS, stage)

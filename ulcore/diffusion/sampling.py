@@ -247,29 +247,3 @@ def generate(stage1, stage2, labels: Tensor, *, seed: int, sampler: str = "ddim"
     return decode(stage1.decoder, z0, decoder_schedule(stage1.config.model), noise=noise_x, steps=decoder_steps,
                   sampler=sampler, known=known_x)
 
-
-@torch.no_grad()
-def elbo_bits_per_pixel(net: VelocityFn, z_clean: Tensor, config, *, seed: int, draws: int = 4) -> Tensor:
-    """Per-example unweighted diffusion ELBO down to λ(0), in bits per pixel, averaged over `draws`."""
-    from ulcore.diffusion.losses import bits_per_pixel, diffusion_elbo
-    from ulcore.diffusion.schedule import latent_schedule, stratified_times
-
-    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws whichever device the nets run on
-    total = torch.zeros(z_clean.shape[0])
-    for _ in range(draws):
-        t = stratified_times(z_clean.shape[0], gen).to(z_clean.device)
-        eps = torch.randn(z_clean.shape, generator=gen).to(z_clean.device)
-        total += diffusion_elbo(net, z_clean, t, eps, latent_schedule(config.model)).total.cpu()
-    pixels = config.data.resolution**2 * config.model.frames
-    return bits_per_pixel(total / draws, pixels)
-
-
-def prior_bits_per_pixel(stage1, x: Tensor, *, seed: int, draws: int = 4) -> Tensor:
-    """Stage-1 bitrate bound L_z / (ln 2 · H·W) on images x (UL §4.4)."""
-    return elbo_bits_per_pixel(stage1.prior, stage1.encoder(x).float(), stage1.config, seed=seed, draws=draws)
-
-
-def base_bits_per_pixel(stage1, stage2, x: Tensor, labels: Tensor, *, seed: int, draws: int = 4) -> Tensor:
-    """The base model's ELBO on the same latents: the second, usually tighter, bitrate estimate (UL Table 5)."""
-    net = lambda z, lam: stage2.base(z, lam, labels)  # noqa: E731 - a closure over the labels
-    return elbo_bits_per_pixel(net, stage1.encoder(x).float(), stage1.config, seed=seed, draws=draws)

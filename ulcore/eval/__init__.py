@@ -4,7 +4,9 @@ Light imports only (torch, numpy); the stage itself is `ulcore.eval.evaluate.run
 """
 
 from ulcore.eval.fid import FeatureStats, RunningStats, feature_statistics, fid_from_stats, frechet_distance
-from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, InceptionI3d, fvd
+from ulcore.eval.fvd import fvd
+from ulcore.eval.i3d import I3DFeatures, I3DUnavailable
+from ulcore.eval.i3d_net import InceptionI3d
 from ulcore.eval.image_metrics import psnr, ssim
 from ulcore.eval.inception import (FidFeatureExtractor, FidWeightsInvalid, FidWeightsNotFound, WeightsSource,
                                    resolve_fid_weights)

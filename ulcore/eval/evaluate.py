@@ -1,6 +1,7 @@
 """The evaluate stage: gFID, rFID, PSNR, SSIM, both bitrates (and FVD for video) under a pinned protocol.
 
-Protocol (all from `eval.*`, logged with every number):
+Protocol (all from `eval.*`, every seed and count in one protocol.EvalProtocol, logged with every number; the
+phases that compute the statistics are in phases.py):
 - gFID: `num_samples` base-model samples, class-balanced labels (i mod num_classes), sample i seeded by
   sample_seeds(eval.seed, i), `sampler`, `base_steps` / `decoder_steps`, `guidance` on `guidance_interval`, EMA
   weights (the exported ones) - against the reference statistics of the first `reference_samples` training
@@ -14,6 +15,8 @@ Protocol (all from `eval.*`, logged with every number):
   unconditional clips vs training clips, or with eval.fvd_context_frames = c > 0 the Kinetics-600 frame-prediction
   protocol (UL §5.7): held-out clip i mod N_val's first c real frames + generated rest (replacement conditioning,
   fvd.predicted_clips), FVD on the full clips, context included, vs those held-out clips.
+- FID floor: FID between the first `num_samples` training images and the rFID reference images - real vs real at
+  the N of gFID, the best a generator can score there (reference.fid_floor; cached with the references).
 - num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
   published 50k-sample numbers; eval.json says so.
 Rerun with nothing changed does no work: eval.json stores a digest of every input (models, shards, params,
@@ -25,31 +28,48 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ulcore import layout, storage
+from ulcore import images, layout, storage, tracking
 from ulcore.config import Config
+from ulcore.data.loaders import shard_uris
 from ulcore.eval import reports
-from ulcore.eval.fid import RunningStats, data_fingerprint, fid_from_stats
-from ulcore.eval.fvd import I3DFeatures, I3DUnavailable, fvd_protocol, predicted_clips
-from ulcore.eval.image_metrics import psnr, ssim
-from ulcore.eval.inception import extractor_on, resolve_fid_weights
-from ulcore.eval.reference import Reference, frames, splits, take
+from ulcore.eval.fid import data_fingerprint, fid_from_stats
+from ulcore.eval.fvd import fvd_protocol
+from ulcore.eval.inception import resolve_fid_weights
+from ulcore.eval.phases import (FeatureNets, Generation, Models, Prediction, Reconstruction, ReferencePass,
+                                feature_nets, generation_phase, prediction_phase, reconstruction_phase,
+                                reference_phase)
+from ulcore.eval.protocol import EvalProtocol
+from ulcore.eval.reference import Reference, fid_floor, floor_reference, splits
 from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
 from ulcore.runtime import compute_device
 
-MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
-METRIC_KEYS = ("gfid", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
+METRIC_KEYS = ("gfid", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
                "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd")
-RECON_SEED_OFFSET = 2  # generate() uses seed and seed + 1; reconstructions use seed + 2 and seed + 3
-BITS_SEED_OFFSET = 4
+
+
+@dataclass(frozen=True)
+class Locations:
+    """Where the evaluate stage reads models and writes results; built in `locations` only."""
+    stage1: str  # exported models
+    stage2: str
+    eval_json: str  # metrics/eval.json
+    outputs: str  # grids and samples
+    plots: str
+
+
+def locations(cfg: Config) -> Locations:
+    root = cfg.storage.root
+    return Locations(stage1=stage1_root(cfg), stage2=stage2_root(cfg), eval_json=layout.metrics(root, "eval"),
+                     outputs=layout.outputs(root), plots=layout.plots(root))
 
 
 def _file_digest(uri: str) -> str:
@@ -93,223 +113,153 @@ def metrics_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _progress(phase: str, done: int, total: int) -> None:
-    """One status line per batch: evaluation runs minutes on a CPU and should not look stuck."""
-    print(f"[evaluate] {phase}: {done}/{total}", flush=True)
+def load_models(cfg: Config, where: Locations, device: torch.device) -> Models:
+    """The exported EMA models on `device`; stage 2 only once it has been exported."""
+    has_stage2 = storage.exists(storage.join(where.stage2, "config.yaml"))
+    return Models(stage1=load_stage1(where.stage1).to(device),
+                  stage2=load_stage2(where.stage2).to(device) if has_stage2 else None, device=device)
 
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate the exported models; writes metrics/eval.json, plots/, outputs/ and an MLflow run."""
-    from ulcore import tracking
-    from ulcore.data.loaders import eval_batches, shard_uris, to_float, to_uint8
-    from ulcore.diffusion.losses import bits_per_subpixel
-    from ulcore.diffusion.sampling import base_bits_per_pixel, generate, prior_bits_per_pixel, reconstruct
-
     storage.use_endpoint(cfg.storage.s3_endpoint)
-    root, e = cfg.storage.root, cfg.eval
     t_start = time.perf_counter()
+    where = locations(cfg)
     train_split, eval_split = splits(cfg)
     shards = {train_split: shard_uris(cfg, "images", train_split), eval_split: shard_uris(cfg, "images", eval_split)}
-    weights = resolve_fid_weights(e.fid_weights)
-    roots = {"stage1": stage1_root(cfg)}
-    has_stage2 = storage.exists(storage.join(stage2_root(cfg), "config.yaml"))
-    if has_stage2:
-        roots["stage2"] = stage2_root(cfg)
+    weights = resolve_fid_weights(cfg.eval.fid_weights)
+    roots = {"stage1": where.stage1}
+    if storage.exists(storage.join(where.stage2, "config.yaml")):
+        roots["stage2"] = where.stage2
     digest = inputs_digest(cfg, roots, shards, weights.sha256)
-    eval_uri = layout.metrics(root, "eval")
-    if storage.exists(eval_uri):
-        previous = storage.read_json(eval_uri)
+    if storage.exists(where.eval_json):
+        previous = storage.read_json(where.eval_json)
         if previous.get("inputs_digest") == digest:
             return {**previous, "skipped": True, "markdown": metrics_markdown(previous)}
 
     device = compute_device(cfg)
-    extractor = extractor_on(device, weights, e.batch_size)
-    stage1 = load_stage1(roots["stage1"]).to(device)
-    stage2 = load_stage2(roots["stage2"]).to(device) if has_stage2 else None
-    n = e.num_samples
+    models = load_models(cfg, where, device)
+    nets = feature_nets(cfg, device, weights)
+    train_ref = Reference(cfg, train_split, shards[train_split], cfg.eval.reference_samples, weights.sha256)
+    val_ref = Reference(cfg, eval_split, shards[eval_split], cfg.eval.num_samples, weights.sha256)
+    floor_ref = floor_reference(cfg, shards[train_split], weights.sha256, train_ref, val_ref)
+    protocol = EvalProtocol.from_config(cfg, train_split=train_split, eval_split=eval_split,
+                                        gfid_reference_key=train_ref.key_hash, rfid_reference_key=val_ref.key_hash,
+                                        floor_reference_key=floor_ref.key_hash, fid_network=weights.protocol())
     timings: dict[str, float] = {}
-    try:
-        i3d: I3DFeatures | None = (I3DFeatures(e.i3d_weights, batch_size=4 if device.type == "cpu" else 16,
-                                               device=str(device)) if cfg.is_video else None)
-        fvd_reason = None if cfg.is_video else "not a video model"
-    except I3DUnavailable as exc:
-        i3d, fvd_reason = None, str(exc)
 
-    # --- held-out images: reconstructions, PSNR / SSIM, bitrates, rFID (and FVD reference clips)
     t0 = time.perf_counter()
-    val_ref = Reference(cfg, eval_split, shards[eval_split], n, weights.sha256)
-    rec_stats, i3d_real, i3d_rec = RunningStats(), RunningStats(), RunningStats()
-    psnrs, ssims, bpp_prior, bpp_base = [], [], [], []
-    grid_real, grid_rec = [], []
-    n_val = 0
-    for start, batch in take(eval_batches(shards[eval_split], batch_size=e.batch_size, kind="images"), n):
-        x_u8, labels = batch["x"], batch["cls"].to(device)
-        x = to_float(x_u8.to(device))
-        idx = range(start, start + x.shape[0])
-        rec_u8 = to_uint8(reconstruct(stage1, x, seed=e.seed + RECON_SEED_OFFSET, steps=e.decoder_steps,
-                                      sampler=e.sampler, indices=idx)).cpu()
-        psnrs.append(psnr(rec_u8, x_u8))
-        ssims.append(ssim(rec_u8, x_u8))
-        bpp_prior.append(prior_bits_per_pixel(stage1, x, seed=e.seed + BITS_SEED_OFFSET + start))
-        if stage2 is not None:
-            bpp_base.append(base_bits_per_pixel(stage1, stage2, x, labels, seed=e.seed + BITS_SEED_OFFSET + start))
-        if val_ref.running is not None:
-            val_ref.running.add(extractor(frames(x_u8)))
-        rec_stats.add(extractor(frames(rec_u8)))
-        if i3d is not None:
-            i3d_real.add(i3d(x_u8))
-            i3d_rec.add(i3d(rec_u8))
-        if sum(g.shape[0] for g in grid_real) < e.grid_size:
-            grid_real.append(x_u8)
-            grid_rec.append(rec_u8)
-        n_val += x.shape[0]
-        _progress("reconstructions", n_val, n)
-    val_ref.finish(n_val)
+    rec = reconstruction_phase(cfg, models, protocol, nets, shards[eval_split], real_stats=val_ref.needed)
+    if val_ref.needed:  # the held-out images were read anyway: their statistics are the rFID reference
+        val_ref.store(rec.real, rec.num_images)
     timings["reconstruction_s"] = time.perf_counter() - t0
 
-    # --- training-split reference statistics for gFID: the first eval.reference_samples images, 0 = all (cached
-    # after the first run); unconditional FVD's reference is the first num_samples training clips (frame
-    # prediction compares with the held-out clips the context came from instead)
     t0 = time.perf_counter()
-    train_ref = Reference(cfg, train_split, shards[train_split], e.reference_samples, weights.sha256)
-    i3d_train = RunningStats()
-    n_train = 0
-    n_fid = (e.reference_samples or sys.maxsize) if train_ref.running is not None else 0
-    n_fvd = n if i3d is not None and not e.fvd_context_frames else 0
-    if n_fid or n_fvd:
-        for start, batch in take(eval_batches(shards[train_split], batch_size=e.batch_size, kind="images"),
-                                  max(n_fid, n_fvd)):
-            if start < n_fid:
-                x_ref = batch["x"][:n_fid - start]
-                train_ref.running.add(extractor(frames(x_ref)))
-                n_train += x_ref.shape[0]
-            if start < n_fvd:
-                i3d_train.add(i3d(batch["x"][:n_fvd - start]))
-    train_ref.finish(n_train)
+    for r in (train_ref, floor_ref):
+        if r.needed:
+            r.load()  # one split serving as both: the reconstruction phase may have just stored it
+    ref = reference_phase(protocol, nets, shards[train_split], fid_stats=train_ref.needed,
+                          floor_stats=floor_ref.needed and floor_ref is not train_ref)
+    if train_ref.needed:
+        train_ref.store(ref.fid, ref.fid_images)
+    if floor_ref.needed:
+        floor_ref.store(ref.floor, ref.floor_images)
+    floor, _ = fid_floor(floor_ref, val_ref)
     timings["reference_s"] = time.perf_counter() - t0
 
-    # --- generation: gFID (and FVD against the training clips)
     t0 = time.perf_counter()
-    gfid = fvd_value = None
-    grid_gen: list[torch.Tensor] = []
-    if stage2 is not None:
-        gen_stats, i3d_gen = RunningStats(), RunningStats()
-        labels_all = torch.arange(n, dtype=torch.int64, device=device) % cfg.model.num_classes
-        for start in range(0, n, e.batch_size):
-            labels = labels_all[start:start + e.batch_size]
-            g_u8 = to_uint8(generate(stage1, stage2, labels, seed=e.seed, sampler=e.sampler, base_steps=e.base_steps,
-                                     decoder_steps=e.decoder_steps, guidance=e.guidance,
-                                     guidance_interval=e.guidance_interval,
-                                     indices=range(start, start + labels.shape[0]))).cpu()
-            gen_stats.add(extractor(frames(g_u8)))
-            if i3d is not None and not e.fvd_context_frames:
-                i3d_gen.add(i3d(g_u8))
-            if sum(g.shape[0] for g in grid_gen) < e.grid_size:
-                grid_gen.append(g_u8)
-            _progress("samples", start + labels.shape[0], n)
-        gfid = fid_from_stats(train_ref.stats, gen_stats.stats())
-        if i3d is not None and not e.fvd_context_frames:
-            fvd_value = fid_from_stats(i3d_train.stats(), i3d_gen.stats())
-    elif cfg.is_video and fvd_reason is None:
-        fvd_reason = "no stage-2 model: nothing to generate"
+    gen = generation_phase(models, protocol, nets) if models.stage2 is not None else None
     timings["generation_s"] = time.perf_counter() - t0
 
-    # --- FVD as frame prediction (eval.fvd_context_frames > 0): held-out clips' first frames in, the rest generated
-    grid_pred: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if stage2 is not None and i3d is not None and e.fvd_context_frames:
+    pred = None
+    if models.stage2 is not None and nets.i3d is not None and protocol.context_frames:
         t0 = time.perf_counter()
-        i3d_pred, n_pred = RunningStats(), 0
-        held_out = lambda: eval_batches(shards[eval_split], batch_size=e.batch_size, kind="images")  # noqa: E731
-        for real_u8, pred_u8 in predicted_clips(stage1, stage2, held_out, cfg):
-            i3d_pred.add(i3d(pred_u8))
-            if sum(r.shape[0] for r, _ in grid_pred) < e.grid_size:
-                grid_pred.append((real_u8, pred_u8))
-            n_pred += real_u8.shape[0]
-            _progress("predictions", n_pred, n)
-        fvd_value = fid_from_stats(i3d_real.stats(), i3d_pred.stats())
+        pred = prediction_phase(models, protocol, nets, shards[eval_split])
         timings["prediction_s"] = time.perf_counter() - t0
 
-    rfid = fid_from_stats(val_ref.stats, rec_stats.stats())
-    mean = lambda parts: float(torch.cat(parts).double().mean()) if parts else None  # noqa: E731
-    result: dict[str, Any] = {
-        "gfid": gfid, "rfid": rfid, "psnr": mean(psnrs), "ssim": mean(ssims),
-        "bits_per_pixel_prior": mean(bpp_prior), "bits_per_pixel_base": mean(bpp_base),
-        "bits_per_subpixel_prior": mean([bits_per_subpixel(b, cfg.model.in_channels) for b in bpp_prior]),
-        "bits_per_subpixel_base": mean([bits_per_subpixel(b, cfg.model.in_channels) for b in bpp_base]),
-        "fvd": fvd_value, "fvd_unavailable_reason": fvd_reason if fvd_value is None else None,
-        "rfvd": fid_from_stats(i3d_real.stats(), i3d_rec.stats()) if i3d is not None and n_val >= 2 else None,
-    }
-    if stage2 is None:
-        result["gfid_unavailable_reason"] = f"{stage2_root(cfg)}: no stage-2 model exported yet"
-    monitoring = n < MONITORING_BELOW
-    result["protocol"] = {
-        "num_samples": n, "num_reconstructed": n_val, "seed": e.seed,
-        "seeds": {"generate": f"sample_seeds({e.seed}, 0..{n - 1}) and {e.seed + 1}",
-                  "reconstruct": e.seed + RECON_SEED_OFFSET, "bits": f"{e.seed + BITS_SEED_OFFSET} + batch start"},
-        "labels": "i mod num_classes", "sampler": e.sampler, "base_steps": e.base_steps,
-        "decoder_steps": e.decoder_steps, "guidance": e.guidance, "guidance_interval": list(e.guidance_interval),
-        "ema": True, "train_split": train_split, "eval_split": eval_split, "resolution": cfg.data.resolution,
-        **weights.protocol(), "ssim": "torchmetrics gaussian 11x11 sigma 1.5",
-        "psnr": "per image on [0,255] after clipping, mean over images",
-        "bits_per_pixel": "ELBO bound / (ln 2 * H * W * frames), 4 stratified draws per image",
-        "bits_per_subpixel": f"bits_per_pixel / {cfg.model.in_channels} channels (the VDM convention)",
-        "reference_samples": e.reference_samples, "gfid_reference": train_ref.info, "rfid_reference": val_ref.info,
-        "monitoring": monitoring,
-        "monitoring_note": (f"monitoring FID: N = {n} < {MONITORING_BELOW}; biased upwards, not comparable to "
-                            "50k-sample published numbers") if monitoring else "",
-    }
+    result = summarise(cfg, protocol, nets, rec, ref, gen, pred, train_ref=train_ref, val_ref=val_ref,
+                       floor_ref=floor_ref, floor=floor)
+    if models.stage2 is None:
+        result["gfid_unavailable_reason"] = f"{where.stage2}: no stage-2 model exported yet"
     if cfg.is_video:
-        result["protocol"]["fvd"] = fvd_protocol(cfg, i3d, train_split=train_split, eval_split=eval_split)
+        result["protocol"]["fvd"] = fvd_protocol(cfg, nets.i3d, protocol)
     result["inputs_digest"] = digest
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    _publish(cfg, result, grid_real, grid_rec, grid_gen, tracking, grid_pred)
+    _publish(cfg, where, result, rec, gen, pred, tracking)
     result["markdown"] = metrics_markdown(result)
     return result
 
 
-def _publish(cfg: Config, result: dict[str, Any], grid_real, grid_rec, grid_gen, tracking, grid_pred=()) -> None:
+def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Reconstruction, ref: ReferencePass,
+              gen: Generation | None, pred: Prediction | None, *, train_ref: Reference, val_ref: Reference,
+              floor_ref: Reference, floor: float) -> dict[str, Any]:
+    """The numbers of eval.json from the phases' statistics: every Fréchet distance is taken here, but the FID
+    floor (reference.fid_floor: cached with the references)."""
+    gfid = fvd_value = None
+    fvd_reason = nets.fvd_unavailable_reason
+    if gen is not None:
+        gfid = fid_from_stats(train_ref.stats, gen.fid)
+        if gen.i3d is not None:
+            fvd_value = fid_from_stats(ref.i3d, gen.i3d)
+    elif cfg.is_video and fvd_reason is None:
+        fvd_reason = "no stage-2 model: nothing to generate"
+    if pred is not None:
+        fvd_value = fid_from_stats(rec.i3d_real, pred.i3d)
+    result: dict[str, Any] = {
+        "gfid": gfid, "fid_floor": floor, "rfid": fid_from_stats(val_ref.stats, rec.reconstructed),
+        "psnr": rec.psnr, "ssim": rec.ssim,
+        "bits_per_pixel_prior": rec.bits_per_pixel_prior, "bits_per_pixel_base": rec.bits_per_pixel_base,
+        "bits_per_subpixel_prior": rec.bits_per_subpixel_prior, "bits_per_subpixel_base": rec.bits_per_subpixel_base,
+        "fvd": fvd_value, "fvd_unavailable_reason": fvd_reason if fvd_value is None else None,
+        "rfvd": fid_from_stats(rec.i3d_real, rec.i3d_reconstructed) if rec.i3d_real is not None else None,
+    }
+    result["protocol"] = protocol.describe(cfg, num_reconstructed=rec.num_images, gfid_reference=train_ref.info,
+                                           rfid_reference=val_ref.info, floor_reference=floor_ref.info)
+    return result
+
+
+def _publish(cfg: Config, where: Locations, result: dict[str, Any], rec: Reconstruction, gen: Generation | None,
+             pred: Prediction | None, tracking) -> None:
     """eval.json, grids, plots -> storage; the same to MLflow (metrics, images, artefacts)."""
-    root, e = cfg.storage.root, cfg.eval
+    e = cfg.eval
     with tracking.stage_run(cfg, "evaluate") as run_id, tempfile.TemporaryDirectory(prefix="ul-eval-") as tmp:
         result["mlflow_run_id"] = run_id
         numbers = {k: v for k, v in result.items() if k in METRIC_KEYS and v is not None and math.isfinite(v)}
         numbers["num_samples"] = e.num_samples
         tracking.log_metrics(run_id, numbers, step=0)
         out, plots = Path(tmp) / "outputs", Path(tmp) / "plots"
-        if grid_real:
-            real = torch.cat(grid_real)[:e.grid_size]
-            rec = torch.cat(grid_rec)[:e.grid_size]
-            grid = reports.paired_grid(real, rec)
-            reports.save_png(grid, out / "reconstructions.png")
+        if rec.grid_real is not None:
+            grid = images.paired_grid(rec.grid_real, rec.grid_reconstructed)
+            images.save_png(grid, out / "reconstructions.png")
             tracking.log_image(run_id, grid, "outputs/reconstructions.png")
-        if grid_gen:
-            gen = torch.cat(grid_gen)[:e.grid_size]
-            grid = reports.image_grid(gen[:, :, 0] if gen.ndim == 5 else gen)
-            reports.save_png(grid, out / "samples.png")
+        if gen is not None and gen.grid is not None:
+            samples = gen.grid
+            grid = images.image_grid(samples[:, :, 0] if samples.ndim == 5 else samples)
+            images.save_png(grid, out / "samples.png")
             tracking.log_image(run_id, grid, "outputs/samples.png")
-            np.savez_compressed(out / "samples.npz", images=gen.numpy(),
-                                labels=(np.arange(gen.shape[0]) % cfg.model.num_classes))
-        if grid_pred:  # frame prediction: each held-out clip's row, then its prediction's row (one frame a column)
-            real = torch.cat([r for r, _ in grid_pred])[:e.grid_size]
-            pred = torch.cat([q for _, q in grid_pred])[:e.grid_size]
-            grid = reports.image_grid(torch.stack([real, pred], dim=1).flatten(0, 1))
-            reports.save_png(grid, out / "predictions.png")
+            np.savez_compressed(out / "samples.npz", images=samples.numpy(),
+                                labels=(np.arange(samples.shape[0]) % cfg.model.num_classes))
+        if pred is not None and pred.grid_real is not None:  # each held-out clip's row, then its prediction's row
+            real, predicted = pred.grid_real, pred.grid_predicted
+            grid = images.image_grid(torch.stack([real, predicted], dim=1).flatten(0, 1))
+            images.save_png(grid, out / "predictions.png")
             tracking.log_image(run_id, grid, "outputs/predictions.png")
-            np.savez_compressed(out / "predictions.npz", real=real.numpy(), predicted=pred.numpy(),
+            np.savez_compressed(out / "predictions.npz", real=real.numpy(), predicted=predicted.numpy(),
                                 context_frames=e.fvd_context_frames)
         current = {"run_id": run_id, **{k: result.get(k) for k in METRIC_KEYS},
                    "loss_factor": cfg.stage1.loss_factor}
         reports.write_reports(tracking.client(tracking.tracking_uri(cfg)), cfg.tracking.experiment, plots, current)
         metrics_file = Path(tmp) / "eval.json"
         metrics_file.write_text(json.dumps(result, indent=2, default=str))
-        for folder, dest, uri in ((out, "outputs", layout.outputs(root)), (plots, "plots", layout.plots(root))):
+        for folder, dest in ((out, where.outputs), (plots, where.plots)):
             if folder.is_dir():
                 for f in sorted(folder.iterdir()):
-                    storage.upload_file(str(f), storage.join(uri, f.name))
-                tracking.log_artifact(run_id, folder, dest)
+                    storage.upload_file(str(f), storage.join(dest, f.name))
+                tracking.log_artifact(run_id, folder, folder.name)
         tracking.log_artifact(run_id, metrics_file, "metrics")
-        storage.write_json(layout.metrics(root, "eval"), result)
+        storage.write_json(where.eval_json, result)
 
 
-__all__ = ["run_evaluate", "metrics_markdown", "inputs_digest", "MONITORING_BELOW", "METRIC_KEYS"]
+__all__ = ["run_evaluate", "summarise", "load_models", "locations", "Locations", "metrics_markdown", "inputs_digest",
+           "METRIC_KEYS"]

@@ -13,17 +13,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ulcore import layout, tracking
+from ulcore import images, layout, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
-from ulcore.diffusion import sampling
+from ulcore.diffusion import bitrate, sampling
 from ulcore.diffusion.losses import (bits_per_pixel, bits_per_subpixel, diffusion_elbo, encode_noise,
                                      sigmoid_weighted_loss)
 from ulcore.diffusion.sampling import decoder_fn
 from ulcore.diffusion.schedule import decoder_schedule, latent_schedule, stratified_times
 from ulcore.eval.image_metrics import psnr
 from ulcore.nets import build_decoder, build_encoder, build_prior, set_activation_checkpointing
-from ulcore.train import images
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
 
 COLLAPSE_BITS_PER_PIXEL = 1e-3  # below this the latent carries (almost) nothing: UL's posterior collapse
@@ -107,7 +106,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     x_uint8 = heldout_batch(cfg, cfg.stage1.eval_batch)
     x = loaders.to_float(x_uint8)
     rec = sampling.reconstruct(ema, x, seed=cfg.stage1.seed, steps=cfg.stage1.eval_steps)
-    bpp = sampling.prior_bits_per_pixel(ema, x, seed=cfg.stage1.seed).mean().item()
+    bpp = bitrate.prior_bits_per_pixel(ema, x, seed=cfg.stage1.seed).mean().item()
     latent_std = ema.encoder(x).float().std().item()
     metrics = {"ema_psnr": float(psnr(loaders.to_uint8(rec), x_uint8).mean()), "ema_bits_per_pixel": bpp,
                "ema_bits_per_subpixel": bits_per_subpixel(bpp, cfg.model.in_channels), "ema_latent_std": latent_std}
@@ -119,10 +118,10 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
         z0 = sampling.sample_prior(ema, n, seed=cfg.stage1.seed, steps=cfg.stage1.eval_steps)
         noise = sampling.PerSampleNoise(x.shape[1:], sampling.sample_seeds(cfg.stage1.seed + 1, range(n)))
         fake = sampling.decode(ema.decoder, z0, ema.decoder_schedule, noise=noise, steps=cfg.stage1.eval_steps)
-        tracking.log_image(run_id, images.grid(torch.cat([x_uint8[:n], loaders.to_uint8(rec[:n])])),
+        tracking.log_image(run_id, images.image_grid(torch.cat([x_uint8[:n], loaders.to_uint8(rec[:n])])),
                            f"reconstructions/samples_{samples:09d}.png", tracking_uri=uri)
-        tracking.log_image(run_id, images.grid(loaders.to_uint8(fake)), f"prior_samples/samples_{samples:09d}.png",
-                           tracking_uri=uri)
+        tracking.log_image(run_id, images.image_grid(loaders.to_uint8(fake)),
+                           f"prior_samples/samples_{samples:09d}.png", tracking_uri=uri)
     return metrics
 
 

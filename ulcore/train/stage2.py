@@ -14,14 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ulcore import layout, tracking
+from ulcore import images, layout, tracking
 from ulcore.config import Config
 from ulcore.data import loaders
-from ulcore.diffusion import sampling
+from ulcore.diffusion import bitrate, sampling
 from ulcore.diffusion.losses import bits_per_subpixel, sigmoid_weighted_loss
 from ulcore.diffusion.schedule import latent_schedule, stratified_times
 from ulcore.nets import build_base_model, set_activation_checkpointing
-from ulcore.train import images
 from ulcore.models import load_stage1, stage1_root
 from ulcore.train.loop import StageSpec, input_digest, run_training_stage
 
@@ -75,7 +74,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
     batch = next(iter(loaders.eval_batches(loaders.shard_uris(cfg, "latents", split), batch_size=cfg.stage2.eval_batch,
                                            kind="latents")))
     z, labels = batch["z"].float(), batch["cls"]
-    bpp = sampling.elbo_bits_per_pixel(lambda zt, lam: ema.base(zt, lam, labels), z, cfg, seed=cfg.stage2.seed)
+    bpp = bitrate.elbo_bits_per_pixel(lambda zt, lam: ema.base(zt, lam, labels), z, cfg, seed=cfg.stage2.seed)
     metrics = {"ema_bits_per_pixel_base": bpp.mean().item(),
                "ema_bits_per_subpixel_base": bits_per_subpixel(bpp, cfg.model.in_channels).mean().item()}
     if run_id:
@@ -84,7 +83,7 @@ def monitor(cfg: Config, ema: nn.Module, samples: int, run_id: str | None, uri: 
         labels = torch.arange(n) % cfg.model.num_classes
         x = sampling.generate(stage1, ema, labels, seed=cfg.stage2.seed, base_steps=cfg.stage2.eval_steps,
                               decoder_steps=cfg.stage2.eval_steps)
-        tracking.log_image(run_id, images.grid(loaders.to_uint8(x)), f"samples/samples_{samples:09d}.png",
+        tracking.log_image(run_id, images.image_grid(loaders.to_uint8(x)), f"samples/samples_{samples:09d}.png",
                            tracking_uri=uri)
     return metrics
 
