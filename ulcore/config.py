@@ -124,6 +124,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Stage1Config(TrainConfig):
+    batch_size: int = 32  # tiny: 512 steps of 32 beat 256 of 64 at the same samples, 17.32 vs 15.40 dB PSNR (measured)
     lr: float = 2e-3  # tiny runs are short: 256 steps at 2e-3 beat 1e-3 by ~1 dB PSNR (measured)
     loss_factor: float = 3.0  # c_lf on the decoder loss (paper: 1.3-2.1; tiny latents collapse below ~2)
     decoder_bias: float = 2.0  # b in sigmoid(b - λ_x) (paper-scale default -3; +2 keeps tiny latents alive)
