@@ -148,7 +148,7 @@ class EncodeConfig:
 class EvalConfig:
     num_samples: int = 200  # generated samples for gFID; reconstructions for rFID / PSNR
     reference_samples: int = 200  # training images in the gFID reference statistics (cached); 0 = the whole split
-    sampler: str = "ddim"  # ddim | ancestral
+    sampler: str = "ancestral"  # ddim | ancestral (tiny stage 1, 32 steps: 18.19 dB PSNR vs DDIM's 17.32, less colour)
     base_steps: int = 32  # base-model sampling steps
     decoder_steps: int = 32  # decoder sampling steps
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
