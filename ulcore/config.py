@@ -124,6 +124,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Stage1Config(TrainConfig):
+    batch_size: int = 32  # tiny: 512 steps of 32 beat 256 of 64 at the same samples, 17.32 vs 15.40 dB PSNR (measured)
     lr: float = 2e-3  # tiny runs are short: 256 steps at 2e-3 beat 1e-3 by ~1 dB PSNR (measured)
     loss_factor: float = 3.0  # c_lf on the decoder loss (paper: 1.3-2.1; tiny latents collapse below ~2)
     decoder_bias: float = 2.0  # b in sigmoid(b - λ_x) (paper-scale default -3; +2 keeps tiny latents alive)
@@ -149,7 +150,7 @@ class EncodeConfig:
 class EvalConfig:
     num_samples: int = 200  # generated samples for gFID; reconstructions for rFID / PSNR
     reference_samples: int = 200  # training images in the gFID reference statistics (cached); 0 = the whole split
-    sampler: str = "ddim"  # ddim | ancestral
+    sampler: str = "ancestral"  # ddim | ancestral (tiny stage 1, 32 steps: 18.19 dB PSNR vs DDIM's 17.32, less colour)
     base_steps: int = 32  # base-model sampling steps
     decoder_steps: int = 32  # decoder sampling steps
     guidance: float = 1.0  # classifier-free guidance scale (1 = none)
