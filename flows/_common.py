@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from ulcore import layout, tracking
+from ulcore import jobs, layout, tracking
 from ulcore.config import Config, load_config
 
 STAGES = list(layout.STAGE_OUTPUTS)  # in pipeline order, the names of ulcore.stages.STAGES (tests/test_stages.py)
@@ -34,15 +34,27 @@ def load(params: str, overrides: list[str] | None) -> Config:
 def flow_run_lineage() -> Iterator[str]:
     """Export this flow run's id so ulcore.tracking tags the MLflow runs it opens (ulcore imports no Prefect)."""
     run_id = str(flow_run.get_id() or "none")
-    previous = os.environ.get(tracking.FLOW_RUN_ENV)
+    previous = {k: os.environ.get(k) for k in (tracking.FLOW_RUN_ENV, jobs.ROOT_FLOW_RUN_ENV)}
     os.environ[tracking.FLOW_RUN_ENV] = run_id
+    os.environ.setdefault(jobs.ROOT_FLOW_RUN_ENV, run_id)  # the outermost flow: what a cancellation names
     try:
         yield run_id
     finally:
-        if previous is None:
-            os.environ.pop(tracking.FLOW_RUN_ENV, None)
-        else:
-            os.environ[tracking.FLOW_RUN_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def stop_jobs_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation hook: stop the Ray jobs this flow run (or a stage flow inside it) submitted. Prefect runs it
+    once it has stopped the flow run's process; without it the jobs would go on training unobserved."""
+    params = flow_run.parameters or {}
+    cfg = load(params.get("params", "params.yaml"), params.get("overrides"))
+    if jobs.is_jobs_endpoint(cfg.ray.address):
+        stopped = jobs.stop_flow_run_jobs(cfg.ray.address, str(flow_run.id))
+        print(f"flow run {flow_run.id} cancelled: stopped Ray jobs {stopped or 'none (all had finished)'}")
 
 
 @task(name="run-stage", task_run_name="run-{stage}")
@@ -50,7 +62,8 @@ def run_stage_task(stage: str, params: str, overrides: list[str]) -> dict[str, A
     """The stage itself (its own Ray cluster / Ray Train driver): one task, resumable by rerunning."""
     from ulcore import stages  # imports every stage's code (torch, Ray, ...): not before params are validated
 
-    return stages.run_stage(stage, load(params, overrides))  # a second run of it on this root refuses at once
+    # a second run of it on this root refuses at once; with a jobs endpoint it runs on the cluster, logged here
+    return stages.run_stage(stage, load(params, overrides), on_line=get_run_logger().info)
 
 
 def mlflow_runs_of(cfg: Config, prefect_run_id: str) -> list[tuple[str, str, str]]:

@@ -9,10 +9,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows._common import stage_flow_body
+from flows._common import stage_flow_body, stop_jobs_on_cancel
 
 
-@flow(name="ul-encode", log_prints=True, validate_parameters=True)
+@flow(name="ul-encode", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def encode(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """Pre-encode the shards with the frozen stage-1 encoder (data/latents/)."""
     return stage_flow_body("encode", params, overrides)

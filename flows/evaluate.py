@@ -9,10 +9,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows._common import stage_flow_body
+from flows._common import stage_flow_body, stop_jobs_on_cancel
 
 
-@flow(name="ul-evaluate", log_prints=True, validate_parameters=True)
+@flow(name="ul-evaluate", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def evaluate(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """Evaluate: gFID, rFID, PSNR, bits/pixel (FVD for video), sample grids and plots (metrics/eval.json)."""
     return stage_flow_body("evaluate", params, overrides)

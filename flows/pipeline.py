@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows import _versions
-from flows._common import STAGES, flow_run_lineage, load, publish_summary, summary_markdown
+from flows._common import STAGES, flow_run_lineage, load, publish_summary, stop_jobs_on_cancel, summary_markdown
 from flows.encode import encode
 from flows.evaluate import evaluate
 from flows.reference import reference
@@ -51,7 +51,7 @@ def push(root: str) -> str:
     return _versions.push(Path(root))
 
 
-@flow(name="ul", log_prints=True, validate_parameters=True)
+@flow(name="ul", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def ul(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """The whole Unified Latents pipeline: shard, FID references, stage 1, encode, stage 2, evaluate."""
     logger = get_run_logger()

@@ -9,10 +9,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows._common import stage_flow_body
+from flows._common import stage_flow_body, stop_jobs_on_cancel
 
 
-@flow(name="ul-reference", log_prints=True, validate_parameters=True)
+@flow(name="ul-reference", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def reference(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """FID reference statistics of the real images, once per dataset version (data/fid_refs/)."""
     return stage_flow_body("reference", params, overrides)

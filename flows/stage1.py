@@ -9,10 +9,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows._common import stage_flow_body
+from flows._common import stage_flow_body, stop_jobs_on_cancel
 
 
-@flow(name="ul-stage1", log_prints=True, validate_parameters=True)
+@flow(name="ul-stage1", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def stage1(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]:  # noqa: B006
     """Stage 1: train encoder, diffusion prior and diffusion decoder jointly (models/stage1/)."""
     return stage_flow_body("stage1", params, overrides)

@@ -40,6 +40,9 @@ export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false DO
 # Worker nodes may join (the local runs' RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 forbids it); infra/ray_node.py keeps
 # every node's sockets on 127.0.0.1 all the same.
 export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_USAGE_STATS_ENABLED=0
+# Every process of every node asks the state API of this cluster, never "the" Ray instance of the machine (several
+# run here; a real cluster has one per machine), and no node watches for spot preemption (a loopback cluster has none).
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0
 export PATH=$BIN:$PATH
 
 STATE_DIR=$CLUSTER_DIR

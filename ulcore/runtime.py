@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ulcore.config import Config, RayConfig
+from ulcore.config import Config, ConfigError, RayConfig
+from ulcore.jobs import is_jobs_endpoint, refuse_ray_client
 
 # ---------------------------------------------------------------------------------------------- device, precision
 
@@ -113,6 +114,11 @@ def ensure_ray(ray_cfg: RayConfig) -> None:
         return
     address, source = requested_address(ray_cfg)
     if address:
+        refuse_ray_client(address)
+        if is_jobs_endpoint(address):
+            raise ConfigError(f"ray.address={address} is a Ray Jobs endpoint: a stage submits itself there "
+                              "(ulcore.stages.run_stage); code that joins a cluster in process needs its GCS "
+                              "address, ray.address=<head>:6379")
         _check_reachable(address, source)
         ray.init(address=address, log_to_driver=True)
         print(f"[ray] joined the Ray cluster at {address} (from {source}): {ray.cluster_resources()}", flush=True)

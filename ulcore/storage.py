@@ -84,10 +84,26 @@ def use_endpoint(url: str, unreachable_after_s: float | None = None) -> None:
         os.environ[UNREACHABLE_ENV] = str(unreachable_after_s)
 
 
-def s3_env() -> dict[str, str]:
-    """The variables that decide where S3 calls go and how long they may fail to connect: handed to Ray tasks,
-    whose workers may predate them."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == UNREACHABLE_ENV}
+# Where S3 calls go, not who makes them: safe to hand to a task on any node.
+LOCATION_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", UNREACHABLE_ENV)
+
+
+def s3_env(*, credentials: bool) -> dict[str, str]:
+    """The variables that decide where S3 calls go and how long they may fail to connect, handed to Ray tasks whose
+    workers may predate them. `credentials` adds this process's AWS_* identity: right for a local Ray instance of
+    our own (same machine, same user), wrong on a cluster, where each node has its own (an IRSA pod's
+    AWS_WEB_IDENTITY_TOKEN_FILE names a file other nodes do not have)."""
+    return {k: v for k, v in os.environ.items()
+            if k in LOCATION_ENV or (credentials and k.startswith("AWS_"))}
+
+
+def arrow_filesystem() -> Any:
+    """A pyarrow S3 filesystem for the current endpoint (Ray Train's checkpoint storage). Credentials are not
+    passed: each process resolves its own from its environment or instance role, so none travel with the object."""
+    from pyarrow import fs
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return fs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, region=region)
 
 
 def _endpoint_name() -> str:

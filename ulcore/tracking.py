@@ -35,6 +35,7 @@ from ulcore.config import Config
 
 PARENT_ENV = "UL_PARENT_RUN_ID"  # the pipeline run's id; stage runs become its children
 FLOW_RUN_ENV = "UL_PREFECT_FLOW_RUN_ID"  # set by flows/ so ulcore needs no Prefect import
+GIT_COMMIT_ENV = "UL_GIT_COMMIT"  # set in a Ray job's env: its copy of the project has no .git
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_TAG_VALUE = 8000
 MODEL_ARTIFACT = "model"  # artifact folder of a registered pyfunc model inside its run
@@ -156,7 +157,10 @@ def _experiment_id(c: Any, name: str, location: str | None) -> str:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """HEAD of the git repository around `cwd` (default: the working directory), or "unknown"."""
+    """HEAD of the git repository around `cwd` (default: the working directory), the commit a Ray job was
+    shipped at, or "unknown"."""
+    if cwd is None and os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path.cwd(), capture_output=True,
                              text=True, timeout=10)

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -154,6 +157,159 @@ def test_mlflow_server_keeps_runs_in_postgres_and_artefacts_on_s3(cluster, tmp_p
                            "-U", "ul", "-d", "mlflow", "-tAc", "SELECT run_uuid FROM runs"],
                           capture_output=True, text=True, timeout=30, check=True).stdout.split()
     assert run.info.run_id in rows
+
+
+# The driver's own secret: distinct from the nodes' (set by infra/cluster.sh), so finding it anywhere on the cluster
+# side would mean it travelled.
+DRIVER_SECRET = "driver-only-secret-7f3c9a"
+
+
+def _cluster_env(folder: Path) -> dict[str, str]:
+    """The variables `.cluster/env` exports, as a user gets them with `source .cluster/env`."""
+    out = subprocess.run(["bash", "-c", f"source {folder / 'env'} && env -0"], capture_output=True, timeout=30,
+                         check=True).stdout.decode()
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+
+
+def _driver_env(folder: Path, home: Path) -> dict[str, str]:
+    env = {**os.environ, **_cluster_env(folder), "PREFECT_HOME": str(home / "prefect"),
+           "PREFECT_LOGGING_LEVEL": "INFO", "AWS_SECRET_ACCESS_KEY": DRIVER_SECRET, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    return env
+
+
+def _node_of(log: str, stage: str) -> dict[int, str]:
+    """rank -> Ray node id, from the workers' start-up lines in a job's log."""
+    return {int(rank): node for rank, node in re.findall(rf"\[{stage}\] rank (\d+)/\d+ on Ray node ([0-9a-f]+)", log)}
+
+
+def _alive_nodes(ports: dict[str, str]) -> dict[str, bool]:
+    """node id -> is the head, for every live node."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
+                       filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    return {n.node_id: bool(n.is_head_node) for n in nodes}
+
+
+def test_tiny_pipeline_runs_across_the_cluster_with_s3_and_mlflow_server(cluster, tmp_path):
+    """The documented command: every stage a Ray job, stage 1's two workers on the two worker nodes, all outputs
+    on S3, runs and models in the MLflow server, nothing in the driver's folder, the driver's secret nowhere."""
+    import boto3
+    from mlflow import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    from tests.train.smoke import SMOKE
+
+    folder, _env, ports = cluster
+    driver_cwd = tmp_path / "driver"
+    driver_cwd.mkdir()
+    env = _driver_env(folder, tmp_path)
+    flags = env["UL_CLUSTER_ARGS"].split() + [a for o in SMOKE for a in ("--set", o)]
+    run = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(REPO / "params.yaml"), *flags],
+                         cwd=driver_cwd, env=env, capture_output=True, text=True, timeout=1500)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-6000:]
+    assert os.listdir(driver_cwd) == [], "the driver writes nothing but its log"
+
+    workers = _node_of(log, "stage1")
+    nodes = _alive_nodes(ports)
+    assert sorted(workers) == [0, 1], log[-3000:]
+    assert len(set(workers.values())) == 2, f"both stage-1 workers on one node: {workers}"
+    assert not any(nodes.get(node, True) for node in workers.values()), "a worker ran on the head or a lost node"
+
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['S3_PORT']}", region_name="us-east-1",
+                      aws_access_key_id="x", aws_secret_access_key="x")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="ul-test", Prefix="pipeline/")
+            for o in page.get("Contents", [])]
+    for expected in ("pipeline/metrics/eval.json", "pipeline/models/stage1/", "pipeline/models/stage2/",
+                     "pipeline/shards/", "pipeline/latents/", "pipeline/checkpoints/stage1-"):
+        assert any(k.startswith(expected) for k in keys), f"nothing under s3://ul-test/{expected}"
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("unified-latents").experiment_id])
+    assert {"stage1", "stage2", "evaluate"} <= {r.data.tags.get("stage") for r in runs}
+    assert {r.data.tags.get("git_commit") for r in runs if r.data.tags.get("stage") == "stage1"} == {
+        subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()}
+    for name in ("ul-encoder", "ul-decoder", "ul-prior", "ul-base"):
+        assert client.search_model_versions(f"name = '{name}'"), f"{name} not registered in the server"
+
+    jobs = JobSubmissionClient(env["RAY_ADDRESS"]).list_jobs()
+    assert len({j.metadata.get("stage") for j in jobs if j.metadata}) == 6
+    exposed = [json.dumps(j.dict(), default=str) for j in jobs] + [
+        json.dumps({**r.data.params, **r.data.tags}) for r in runs] + [log]
+    assert not [text for text in exposed if DRIVER_SECRET in text], "the driver's secret left the driver"
+
+
+def test_ray_client_address_is_refused_naming_the_key(cluster, tmp_path):
+    from ulcore.config import ConfigError, load_config
+    from ulcore.jobs import submit_stage
+
+    cfg = load_config(REPO / "params.yaml", [f"ray.address=ray://127.0.0.1:{cluster[2]['RAY_CLIENT_PORT']}"])
+    with pytest.raises(ConfigError, match=r"ray\.address=ray://.*http://127\.0\.0\.1:8265"):
+        submit_stage(cfg, "stage1")
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["storage.root=/tmp/ul-local-root", "tracking.uri=http://127.0.0.1:1"], "storage.root"),
+    (["storage.root=s3://ul-test/refused", "tracking.uri="], "tracking.uri"),
+    (["storage.root=s3://ul-test/refused", "tracking.uri=sqlite:///tmp/ul.db"], "tracking.uri"),
+])
+def test_local_state_on_a_multi_node_cluster_is_refused_before_any_work(cluster, overrides, key):
+    from ray.job_submission import JobSubmissionClient
+
+    from ulcore.config import ConfigError, load_config
+    from ulcore.jobs import submit_stage
+
+    _folder, _env, ports = cluster
+    address = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
+    before = len(JobSubmissionClient(address).list_jobs())
+    cfg = load_config(REPO / "params.yaml", [f"ray.address={address}", *overrides])
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*3 nodes.*set {re.escape(key)}="):
+        submit_stage(cfg, "shard")
+    assert len(JobSubmissionClient(address).list_jobs()) == before, "a job was submitted anyway"
+
+
+def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path):
+    """Kill the raylet of the node training runs on: the job resumes from the newest checkpoint on S3 on the other
+    worker node and finishes; the sample counter continues from that checkpoint, not from 0."""
+    from ulcore import storage
+    from ulcore.config import load_config
+    from ulcore.jobs import submit_stage
+
+    from tests.train.smoke import SMOKE
+
+    folder, _env, ports = cluster
+    env = _cluster_env(folder)
+    overrides = [*SMOKE, *env["UL_CLUSTER_ARGS"].replace("--set ", "").split(), "storage.root=s3://ul-test/kill",
+                 "ray.num_workers=1", "stage1.total_samples=1024", "stage1.ckpt_every_samples=64",
+                 "stage1.log_every_samples=64"]
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
+        os.environ[key] = env[key]
+    cfg = load_config(REPO / "params.yaml", overrides)
+    submit_stage(cfg, "shard")
+
+    lines: list[str] = []
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(submit_stage(cfg, "stage1", on_line=lines.append)))
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not storage.list_uris("s3://ul-test/kill/checkpoints", suffix="meta.json"):
+        assert time.monotonic() < deadline and thread.is_alive(), "\n".join(lines[-40:])
+        time.sleep(1)
+    node = _node_of("\n".join(lines), "stage1")[0]
+    raylets = [p for p in psutil.process_iter(["name", "cmdline"])
+               if p.info["name"] == "raylet" and f"--node_id={node}" in (p.info["cmdline"] or [])]
+    assert len(raylets) == 1, f"no raylet for node {node}"
+    raylets[0].kill()
+    thread.join(timeout=900)
+    log = "\n".join(lines)
+    assert not thread.is_alive() and result, log[-4000:]
+    resumed = [int(n) for n in re.findall(r"\[stage1\] resumed at (\d+) samples", log)]
+    assert resumed and resumed[0] > 0, log[-4000:]
+    assert _node_of(log.split("retrying from the latest checkpoint")[-1], "stage1")[0] != node
+    final = storage.read_json("s3://ul-test/kill/metrics/stage1.json")
+    assert final["samples"] >= 1024
 
 
 def test_down_leaves_nothing_running(cluster):

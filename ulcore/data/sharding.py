@@ -128,7 +128,7 @@ def _run_jobs(cfg: Config, jobs: list[ShardJob]) -> tuple[list[dict], list[str]]
     ensure_ray(cfg.ray)
     task = ray.remote(build_shard).options(num_cpus=1, max_retries=TASK_RETRIES,
                                            retry_exceptions=storage.transient_errors())
-    env = storage.s3_env()
+    env = storage.s3_env(credentials=not cfg.ray.address)
     queue = list(jobs)
     running: dict[Any, ShardJob] = {}
     done: list[dict] = []

@@ -121,7 +121,7 @@ def run_encode(cfg: Config) -> dict[str, Any]:
     ensure_ray(cfg.ray)
     task = ray.remote(encode_shard).options(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=2,
                                             retry_exceptions=storage.transient_errors())
-    cfg_dict, env = cfg.to_dict(), storage.s3_env()
+    cfg_dict, env = cfg.to_dict(), storage.s3_env(credentials=not cfg.ray.address)
     results = ray.get([task.remote(src, dst, cfg_dict, env, encoder_id) for src, dst, _ in jobs])
     train = [r for r, (_, _, split) in zip(results, jobs, strict=True) if split == cfg.data.splits[0]]
     stats = {"encoder": encoder_id, "splits": {}, "train_channels": latent_statistics(train)}

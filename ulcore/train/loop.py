@@ -112,6 +112,7 @@ def _status(stage: str, samples: int, total: int, metrics: dict[str, float], rat
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: build, restore, train to `total_samples`, report metrics and checkpoints."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -125,6 +126,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     t = spec.train_config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    print(f"[{loop_config['stage']}] rank {rank}/{world} on Ray node {ray.get_runtime_context().get_node_id()}",
+          flush=True)
     device = ray.train.torch.get_device()
     precision = resolve_precision(t.precision, device)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -279,7 +282,9 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
                 num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                 resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}),
             run_config=ray.train.RunConfig(
-                name=run_name, storage_path=storage_path, failure_config=ray.train.FailureConfig(max_failures=0),
+                name=run_name, storage_path=storage_path.removeprefix(storage.S3_PREFIX),
+                storage_filesystem=storage.arrow_filesystem() if storage.is_s3(storage_path) else None,
+                failure_config=ray.train.FailureConfig(max_failures=0),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
         )
         try:
