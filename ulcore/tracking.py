@@ -157,16 +157,16 @@ def _experiment_id(c: Any, name: str, location: str | None) -> str:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """HEAD of the git repository around `cwd` (default: the working directory), the commit a Ray job was
-    shipped at, or "unknown"."""
-    if cwd is None and os.environ.get(GIT_COMMIT_ENV):
-        return os.environ[GIT_COMMIT_ENV]
+    """HEAD of the git repository around `cwd` (default: the working directory); outside one, the commit the code
+    was shipped at (UL_GIT_COMMIT: a Ray job's copy, the image's build arg), or "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or Path.cwd(), capture_output=True,
                              text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        pass
+    return os.environ.get(GIT_COMMIT_ENV) or "unknown"
 
 
 def dvc_lock_hash(cwd: str | Path | None = None) -> str:
