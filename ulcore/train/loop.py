@@ -126,7 +126,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     t = spec.train_config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    print(f"[{loop_config['stage']}] rank {rank}/{world} on Ray node {ray.get_runtime_context().get_node_id()}",
+    print(f"[{spec.name}] rank {rank}/{world} on Ray node {ray.get_runtime_context().get_node_id()}",
           flush=True)
     device = ray.train.torch.get_device()
     precision = resolve_precision(t.precision, device)
