@@ -1,4 +1,4 @@
-"""Flow `ul-evaluate`: Evaluate: gFID, rFID, PSNR, bits/pixel (FVD for video), sample grids and plots (metrics/eval.json).
+"""Flow `ul-evaluate`: gFID, rFID, PSNR, bits/pixel (FVD for video), sample grids and plots (metrics/eval.json).
 
 Run: `python -m flows.evaluate [--params params.yaml] [--set section.key=value ...]` (also the DVC stage command).
 """

@@ -11,8 +11,8 @@ travel), with the resolved config beside it. Inside the job `ray.address` become
 the cluster it runs on. The job prints its summary as one `UL_JOB_RESULT {json}` line, which the submitter reads
 back from the log it streams.
 
-Nothing secret travels: the runtime env carries the git commit, the parent MLflow run and the Prefect flow run only; the cluster's
-nodes take S3 credentials from their own environment or instance role (docs/design.md §5).
+Nothing secret travels: the runtime env carries the git commit, the parent MLflow run and the Prefect flow run
+only; the cluster's nodes take S3 credentials from their own environment or instance role (docs/design.md §5).
 """
 
 from __future__ import annotations

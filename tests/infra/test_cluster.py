@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -268,6 +269,50 @@ def test_local_state_on_a_multi_node_cluster_is_refused_before_any_work(cluster,
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*3 nodes.*set {re.escape(key)}="):
         submit_stage(cfg, "shard")
     assert len(JobSubmissionClient(address).list_jobs()) == before, "a job was submitted anyway"
+
+
+SLEEPER = "python -c \"import time; print('started', flush=True); time.sleep(600)\""
+
+
+def test_an_interrupted_submitter_stops_its_job(cluster):
+    """Ctrl-C (or Prefect's termination of a cancelled flow run) in the process following a job stops the job."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = f"http://127.0.0.1:{cluster[2]['RAY_DASHBOARD_PORT']}"
+    code = ("import sys\nfrom ray.job_submission import JobSubmissionClient\nfrom ulcore import jobs\n"
+            f"c = JobSubmissionClient({address!r})\njob = c.submit_job(entrypoint={SLEEPER!r})\n"
+            "print('JOB', job, flush=True)\njobs.follow(c, job, lambda line: print(line, flush=True))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job, deadline = None, time.monotonic() + 180
+    for line in proc.stdout:
+        job = line.split()[1] if line.startswith("JOB ") else job
+        if line.strip() == "started" or time.monotonic() > deadline:
+            break
+    assert job, "no job submitted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert str(JobSubmissionClient(address).get_job_status(job).value) == "STOPPED"
+
+
+def test_cancelling_a_flow_run_stops_the_jobs_it_submitted(cluster):
+    """What the flows' on_cancellation hook calls: every unfinished job of that flow run (or of a stage flow
+    inside it) is stopped; other jobs are left alone."""
+    from ray.job_submission import JobSubmissionClient
+
+    from ulcore.jobs import stop_flow_run_jobs
+
+    address = f"http://127.0.0.1:{cluster[2]['RAY_DASHBOARD_PORT']}"
+    client = JobSubmissionClient(address)
+    mine = client.submit_job(entrypoint=SLEEPER, metadata={"prefect_flow_run_id": "child",
+                                                          "prefect_root_flow_run_id": "parent"})
+    other = client.submit_job(entrypoint=SLEEPER, metadata={"prefect_flow_run_id": "someone-else"})
+    try:
+        assert stop_flow_run_jobs(address, "parent") == [mine]
+        assert str(client.get_job_status(mine).value) == "STOPPED"
+        assert str(client.get_job_status(other).value) not in ("STOPPED", "FAILED")
+    finally:
+        client.stop_job(other)
 
 
 def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path):
