@@ -201,6 +201,7 @@ def test_tiny_pipeline_runs_across_the_cluster_with_s3_and_mlflow_server(cluster
     from ray.job_submission import JobSubmissionClient
 
     from tests.train.smoke import SMOKE
+    from ulcore import layout
 
     folder, _env, ports = cluster
     driver_cwd = tmp_path / "driver"
@@ -223,8 +224,9 @@ def test_tiny_pipeline_runs_across_the_cluster_with_s3_and_mlflow_server(cluster
                       aws_access_key_id="x", aws_secret_access_key="x")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="ul-test", Prefix="pipeline/")
             for o in page.get("Contents", [])]
-    for expected in ("pipeline/metrics/eval.json", "pipeline/models/stage1/", "pipeline/models/stage2/",
-                     "pipeline/shards/", "pipeline/latents/", "pipeline/checkpoints/stage1-"):
+    for expected in ("metrics/eval.json", "models/stage1/", "models/stage2/", f"{layout.SHARDS}/",
+                     f"{layout.LATENTS}/", f"{layout.FID_REFS}/", f"{layout.CHECKPOINTS}/stage1-"):
+        expected = f"pipeline/{expected}"
         assert any(k.startswith(expected) for k in keys), f"nothing under s3://ul-test/{expected}"
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
