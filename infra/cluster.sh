@@ -165,7 +165,8 @@ export RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION=$AWS_DEFAULT_REGION
-export UL_CLUSTER_ARGS="--set storage.root=s3://$S3_BUCKET/pipeline --set storage.s3_endpoint=http://127.0.0.1:$S3_PORT --set ray.address=http://127.0.0.1:$RAY_DASHBOARD_PORT --set tracking.uri=http://127.0.0.1:$MLFLOW_PORT"
+# Training workers sized to the worker nodes: one per node (ray.num_workers = the number of worker nodes).
+export UL_CLUSTER_ARGS="--set storage.root=s3://$S3_BUCKET/pipeline --set storage.s3_endpoint=http://127.0.0.1:$S3_PORT --set ray.address=http://127.0.0.1:$RAY_DASHBOARD_PORT --set tracking.uri=http://127.0.0.1:$MLFLOW_PORT --set ray.num_workers=2 --set ray.cpus_per_worker=$RAY_WORKER_CPUS"
 ENV
   )
   status
