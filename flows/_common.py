@@ -59,11 +59,14 @@ def stop_jobs_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:
 
 @task(name="run-stage", task_run_name="run-{stage}")
 def run_stage_task(stage: str, params: str, overrides: list[str]) -> dict[str, Any]:
-    """The stage itself (its own Ray cluster / Ray Train driver): one task, resumable by rerunning."""
+    """The stage itself (its own Ray cluster / Ray Train driver, or a Ray job on a cluster's Jobs endpoint whose
+    log lands here): one task, resumable by rerunning; a second run of it on this root refuses at once."""
+    cfg = load(params, overrides)
+    if jobs.is_jobs_endpoint(cfg.ray.address):  # this process only follows the job: no stage code, no torch
+        return jobs.submit_stage(cfg, stage, on_line=get_run_logger().info)
     from ulcore import stages  # imports every stage's code (torch, Ray, ...): not before params are validated
 
-    # a second run of it on this root refuses at once; with a jobs endpoint it runs on the cluster, logged here
-    return stages.run_stage(stage, load(params, overrides), on_line=get_run_logger().info)
+    return stages.run_stage(stage, cfg)
 
 
 def mlflow_runs_of(cfg: Config, prefect_run_id: str) -> list[tuple[str, str, str]]:

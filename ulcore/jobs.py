@@ -32,6 +32,7 @@ from typing import Any
 
 from ulcore import storage, tracking
 from ulcore.config import Config, ConfigError
+from ulcore.run_lock import stage_lock
 
 JOB_CONFIG = "ul_job/config.yaml"  # where the resolved config sits inside the shipped working dir
 ROOT_FLOW_RUN_ENV = "UL_PREFECT_ROOT_FLOW_RUN_ID"  # the outermost Prefect flow run: a job is stopped with it
@@ -123,7 +124,8 @@ def lineage_env(commit: str) -> dict[str, str]:
 
 
 def submit_stage(cfg: Config, stage: str, *, on_line: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run `stage` as a Ray job on the cluster at `cfg.ray.address`; return its summary or raise JobFailed."""
+    """Run `stage` as a Ray job on the cluster at `cfg.ray.address`, holding the storage root's lock for the stage
+    meanwhile; return its summary or raise JobFailed. Imports no stage code (no torch): a driver stays small."""
     from ray.job_submission import JobSubmissionClient
 
     address = cfg.ray.address
@@ -134,6 +136,11 @@ def submit_stage(cfg: Config, stage: str, *, on_line: Callable[[str], None] = pr
     refuse_local_state(cfg, alive_nodes(address))
     if uncommitted_changes():
         on_line("WARNING: uncommitted changes are not shipped: the Ray job runs the project at HEAD")
+    with stage_lock(cfg.storage.root, stage):
+        return _submit_and_follow(client, cfg, stage, on_line)
+
+
+def _submit_and_follow(client: Any, cfg: Config, stage: str, on_line: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"ul-job-{stage}-") as tmp:
         commit = package_project(cfg, Path(tmp))
         env = lineage_env(commit)
@@ -144,7 +151,7 @@ def submit_stage(cfg: Config, stage: str, *, on_line: Callable[[str], None] = pr
             metadata={"stage": stage, "config_digest": cfg.digest(), "git_commit": commit,
                       "prefect_flow_run_id": os.environ.get(tracking.FLOW_RUN_ENV, "none"),
                       "prefect_root_flow_run_id": os.environ.get(ROOT_FLOW_RUN_ENV, "none")})
-    on_line(f"submitted {stage} as Ray job {job_id} to {address} (commit {commit[:10]})")
+    on_line(f"submitted {stage} as Ray job {job_id} to {cfg.ray.address} (commit {commit[:10]})")
     return follow(client, job_id, on_line)
 
 

@@ -65,13 +65,13 @@ def run_stage(name: str, cfg: Config, *, on_line: Callable[[str], None] = print)
     if name not in BY_NAME:
         raise ValueError(f"stage {name!r}: expected one of {', '.join(BY_NAME)}")
     address = cfg.ray.address
+    if jobs.is_jobs_endpoint(address):
+        return jobs.submit_stage(cfg, name, on_line=on_line)  # holds the lock while the job runs
     jobs.refuse_ray_client(address)
-    if address and not jobs.is_jobs_endpoint(address):  # joining a cluster from here: same rule as a job
+    if address:  # joining a cluster from here: the same rule as for a job
         ensure_ray(cfg.ray)
         jobs.refuse_local_state(cfg, len([n for n in ray.nodes() if n["Alive"]]))
     with stage_lock(cfg.storage.root, name):
-        if jobs.is_jobs_endpoint(address):
-            return jobs.submit_stage(cfg, name, on_line=on_line)
         return dict(BY_NAME[name].run(cfg) or {})
 
 
