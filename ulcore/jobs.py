@@ -39,6 +39,8 @@ ROOT_FLOW_RUN_ENV = "UL_PREFECT_ROOT_FLOW_RUN_ID"  # the outermost Prefect flow 
 RESULT_MARK = "UL_JOB_RESULT "  # prefix of the job's last line: the stage's summary as JSON
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 STOP_WAIT_S = 30.0  # after stop_job, how long to wait for the job to report STOPPED
+SUBMIT_RETRY_S = 120.0  # how long a busy head (no free job agent, gateway timeout) is retried
+BUSY_MARKS = ("No available agent", "status code 503", "status code 504")
 # Ray's submission client logs every packaged .gitignore and websocket close at INFO: noise in a flow's log
 QUIET_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk",
                  "ray.dashboard.modules.job.sdk")
@@ -144,7 +146,8 @@ def _submit_and_follow(client: Any, cfg: Config, stage: str, on_line: Callable[[
     with tempfile.TemporaryDirectory(prefix=f"ul-job-{stage}-") as tmp:
         commit = package_project(cfg, Path(tmp))
         env = lineage_env(commit)
-        job_id = client.submit_job(
+        job_id = _submit(
+            client,
             entrypoint=f"python -m ulcore.stages {stage} {JOB_CONFIG}",
             submission_id=f"ul-{stage}-{cfg.digest()}-{uuid.uuid4().hex[:8]}",
             runtime_env={"working_dir": tmp, "env_vars": env},
@@ -153,6 +156,21 @@ def _submit_and_follow(client: Any, cfg: Config, stage: str, on_line: Callable[[
                       "prefect_root_flow_run_id": os.environ.get(ROOT_FLOW_RUN_ENV, "none")})
     on_line(f"submitted {stage} as Ray job {job_id} to {cfg.ray.address} (commit {commit[:10]})")
     return follow(client, job_id, on_line)
+
+
+def _submit(client: Any, *, submission_id: str, **job: Any) -> str:
+    """submit_job, retried while the head answers that it is busy (no job agent free yet, a gateway timeout) for
+    up to SUBMIT_RETRY_S; the fixed submission id makes a retry of a submission that did go through harmless."""
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    while True:
+        try:
+            return client.submit_job(submission_id=submission_id, **job)
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                return submission_id
+            if not any(mark in str(exc) for mark in BUSY_MARKS) or time.monotonic() > deadline:
+                raise
+            time.sleep(5)
 
 
 def follow(client: Any, job_id: str, on_line: Callable[[str], None]) -> dict[str, Any]:
