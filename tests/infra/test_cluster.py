@@ -317,7 +317,7 @@ def test_cancelling_a_flow_run_stops_the_jobs_it_submitted(cluster):
         client.stop_job(other)
 
 
-def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path):
+def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path, monkeypatch):
     """Kill the raylet of the node training runs on: the job resumes from the newest checkpoint on S3 on the other
     worker node and finishes; the sample counter continues from that checkpoint, not from 0."""
     from ulcore import storage
@@ -332,7 +332,7 @@ def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path):
                  "ray.num_workers=1", "stage1.total_samples=1024", "stage1.ckpt_every_samples=64",
                  "stage1.log_every_samples=64"]
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
-        os.environ[key] = env[key]
+        monkeypatch.setenv(key, env[key])  # this test's S3 only: the session's moto endpoint is for the others
     cfg = load_config(REPO / "params.yaml", overrides)
     submit_stage(cfg, "shard")
 
