@@ -58,9 +58,7 @@ def start_cluster(folder: Path) -> dict[str, str]:
 
 def submission_cost(address: str, n: int) -> float:
     """Median seconds for a job that does nothing, from submit to its end as the submitter sees it."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = jobs.client(address)
     times = []
     for _ in range(n):
         start = time.perf_counter()

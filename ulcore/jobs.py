@@ -18,6 +18,7 @@ only; the cluster's nodes take S3 credentials from their own environment or inst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,35 @@ def refuse_local_state(cfg: Config, nodes: int) -> None:
             f"tracking.uri=http://<mlflow-server>:5000")
 
 
-def alive_nodes(address: str) -> int:
+# Ray's clients take their address from these variables over the argument they are given
+# (`ray.dashboard.utils.get_address_for_submission_client`), so a process that also started a local instance
+# (ulcore.runtime.ensure_ray sets RAY_API_SERVER_ADDRESS) would submit to that instance instead of `ray.address`.
+ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+@contextlib.contextmanager
+def _address_as_given() -> Iterator[None]:
+    saved = {key: os.environ.pop(key) for key in ADDRESS_OVERRIDES if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def client(address: str) -> Any:
+    """A Jobs API client of the cluster at `address`, whatever RAY_ADDRESS / RAY_API_SERVER_ADDRESS say."""
+    from ray.job_submission import JobSubmissionClient
+
+    with _address_as_given():
+        return JobSubmissionClient(address)
+
+
+def live_nodes(address: str) -> list[Any]:
+    """The ALIVE nodes of the cluster at `address` (Ray state API records: node_id, is_head_node, ...)."""
     from ray.util.state import list_nodes
 
-    return len(list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False))
+    with _address_as_given():
+        return list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
 
 
 def project_root() -> Path:
@@ -128,18 +154,16 @@ def lineage_env(commit: str) -> dict[str, str]:
 def submit_stage(cfg: Config, stage: str, *, on_line: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `stage` as a Ray job on the cluster at `cfg.ray.address`, holding the storage root's lock for the stage
     meanwhile; return its summary or raise JobFailed. Imports no stage code (no torch): a driver stays small."""
-    from ray.job_submission import JobSubmissionClient
-
     address = cfg.ray.address
     refuse_ray_client(address)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    client = JobSubmissionClient(address)
-    refuse_local_state(cfg, alive_nodes(address))
+    jobs = client(address)
+    refuse_local_state(cfg, len(live_nodes(address)))
     if uncommitted_changes():
         on_line("WARNING: uncommitted changes are not shipped: the Ray job runs the project at HEAD")
     with stage_lock(cfg.storage.root, stage):
-        return _submit_and_follow(client, cfg, stage, on_line)
+        return _submit_and_follow(jobs, cfg, stage, on_line)
 
 
 def _submit_and_follow(client: Any, cfg: Config, stage: str, on_line: Callable[[str], None]) -> dict[str, Any]:
@@ -228,16 +252,14 @@ def stop(client: Any, job_id: str) -> None:
 
 def stop_flow_run_jobs(address: str, flow_run_id: str) -> list[str]:
     """Stop every unfinished job a Prefect flow run submitted (its on_cancellation hook); return their ids."""
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
     def submitted_by(meta: dict[str, str]) -> bool:
         return flow_run_id in (meta.get("prefect_flow_run_id"), meta.get("prefect_root_flow_run_id"))
 
-    mine = [j.submission_id for j in client.list_jobs()
+    jobs = client(address)
+    mine = [j.submission_id for j in jobs.list_jobs()
             if submitted_by(j.metadata or {}) and str(j.status.value) not in FINISHED]
     for job_id in mine:
-        stop(client, job_id)
+        stop(jobs, job_id)
     return mine
 
 
