@@ -100,3 +100,18 @@ def test_published_files_and_folders_get_the_usual_mode(tmp_path):
         assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o644), name
     assert oct((tmp_path / "published").stat().st_mode & 0o777) == oct(0o755)
     assert oct((tmp_path / "private.bin").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_checkpoint_uploads_outlast_throttling(s3_bucket, monkeypatch):
+    """Ray Train writes checkpoints through storage.arrow_filesystem(): six throttled PUTs in a row (more than
+    pyarrow's default three attempts survive) still end in an intact object."""
+    from tests.flaky_s3 import flaky_s3
+
+    payload = os.urandom(4096)
+    bucket, _ = storage.split_s3(s3_bucket + "/x")
+    with flaky_s3(os.environ["AWS_ENDPOINT_URL"], fail_puts=6) as (url, counts):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        with storage.arrow_filesystem().open_output_stream(f"{bucket}/ckpt/state.pt") as out:
+            out.write(payload)
+        assert counts == {"puts": 7, "refused": 6}
+        assert storage.arrow_filesystem().open_input_stream(f"{bucket}/ckpt/state.pt").read() == payload

@@ -99,11 +99,14 @@ def s3_env(*, credentials: bool) -> dict[str, str]:
 
 def arrow_filesystem() -> Any:
     """A pyarrow S3 filesystem for the current endpoint (Ray Train's checkpoint storage). Credentials are not
-    passed: each process resolves its own from its environment or instance role, so none travel with the object."""
+    passed: each process resolves its own from its environment or instance role, so none travel with the object.
+    A checkpoint upload retries throttling and 5xx answers as often as boto3 does here (pyarrow's default is 3
+    attempts); what still fails ends the training attempt, which Ray Train restarts from the newest checkpoint."""
     from pyarrow import fs
 
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return fs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, region=region)
+    return fs.S3FileSystem(endpoint_override=os.environ.get("AWS_ENDPOINT_URL") or None, region=region,
+                           retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=RETRY_ATTEMPTS))
 
 
 def _endpoint_name() -> str:
