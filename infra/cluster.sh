@@ -8,6 +8,7 @@
 #   bash infra/cluster.sh up        # start, then: source $CLUSTER_DIR/env
 #   bash infra/cluster.sh status    # what runs, on which port
 #   bash infra/cluster.sh down      # stop everything `up` started; fails if a port is still listening
+#   bash infra/cluster.sh restart-ray  # replace the three Ray nodes by new ones; S3 and MLflow keep their data
 # Settings (environment, defaults in brackets): CLUSTER_DIR [.cluster], RAY_PORT [6390], RAY_DASHBOARD_PORT [8265],
 # RAY_CLIENT_PORT [10011], RAY_NODE_PORT_BASE [21000] (each node takes 100 ports from base + 100·i),
 # RAY_WORKER_CPUS [1], RAY_OBJECT_STORE_BYTES [268435456], S3_PORT [9100], PG_PORT [5433], MLFLOW_PORT [5100],
@@ -98,6 +99,25 @@ start_node() {  # name index count args...: start a node and wait until `count` 
   return 1
 }
 
+ray_up() {  # the head, then the two worker nodes
+  start_node head 0 1 --head --port="$RAY_PORT" --num-cpus=0 --dashboard-host=127.0.0.1 \
+    --dashboard-port="$RAY_DASHBOARD_PORT" --ray-client-server-port="$RAY_CLIENT_PORT"
+  start_node worker1 1 2 --address="127.0.0.1:$RAY_PORT" --num-cpus="$RAY_WORKER_CPUS"
+  start_node worker2 2 3 --address="127.0.0.1:$RAY_PORT" --num-cpus="$RAY_WORKER_CPUS"
+}
+
+ray_down() {
+  local name
+  for name in ray-worker2 ray-worker1 ray-head; do stop "$name" TERM; done
+}
+
+restart_ray() {  # a new Ray cluster (new session, nothing of the old one's state) on the same S3 and MLflow server
+  if ! running s3 || ! running mlflow-server; then echo "error: the cluster is not up (bash $0 up)" >&2; exit 1; fi
+  ray_down
+  ray_up
+  status
+}
+
 up() {
   if running ray-head; then echo "the cluster is already up (bash infra/cluster.sh down first)" >&2; exit 1; fi
   local port
@@ -153,10 +173,7 @@ PY
     start mlflow-server mlflow server --artifacts-destination "s3://$S3_BUCKET/mlflow" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
 
-  start_node head 0 1 --head --port="$RAY_PORT" --num-cpus=0 --dashboard-host=127.0.0.1 \
-    --dashboard-port="$RAY_DASHBOARD_PORT" --ray-client-server-port="$RAY_CLIENT_PORT"
-  start_node worker1 1 2 --address="127.0.0.1:$RAY_PORT" --num-cpus="$RAY_WORKER_CPUS"
-  start_node worker2 2 3 --address="127.0.0.1:$RAY_PORT" --num-cpus="$RAY_WORKER_CPUS"
+  ray_up
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 120 mlflow-server
 
   (umask 077 && cat >"$CLUSTER_DIR/env" <<ENV
@@ -186,8 +203,8 @@ status() {
 }
 
 down() {
-  local name port left=()
-  for name in ray-worker2 ray-worker1 ray-head; do stop "$name" TERM; done
+  local port left=()
+  ray_down
   stop mlflow-server TERM
   stop postgres INT   # SIGINT: PostgreSQL's fast shutdown
   stop s3 TERM
@@ -202,5 +219,6 @@ case "${1:-}" in
   up) up ;;
   status) status ;;
   down) down ;;
-  *) echo "usage: $0 up|status|down" >&2; exit 2 ;;
+  restart-ray) restart_ray ;;
+  *) echo "usage: $0 up|status|down|restart-ray" >&2; exit 2 ;;
 esac

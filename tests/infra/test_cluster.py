@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -186,11 +187,9 @@ def _node_of(log: str, stage: str) -> dict[int, str]:
 
 def _alive_nodes(ports: dict[str, str]) -> dict[str, bool]:
     """node id -> is the head, for every live node."""
-    from ray.util.state import list_nodes
+    from ulcore.jobs import live_nodes
 
-    nodes = list_nodes(address=f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
-                       filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
-    return {n.node_id: bool(n.is_head_node) for n in nodes}
+    return {n.node_id: bool(n.is_head_node) for n in live_nodes(f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}")}
 
 
 def test_tiny_pipeline_runs_across_the_cluster_with_s3_and_mlflow_server(cluster, tmp_path):
@@ -198,10 +197,9 @@ def test_tiny_pipeline_runs_across_the_cluster_with_s3_and_mlflow_server(cluster
     on S3, runs and models in the MLflow server, nothing in the driver's folder, the driver's secret nowhere."""
     import boto3
     from mlflow import MlflowClient
-    from ray.job_submission import JobSubmissionClient
-
     from tests.train.smoke import SMOKE
     from ulcore import layout
+    from ulcore.jobs import client as jobs_client
 
     folder, _env, ports = cluster
     driver_cwd = tmp_path / "driver"
@@ -237,7 +235,7 @@ def test_tiny_pipeline_runs_across_the_cluster_with_s3_and_mlflow_server(cluster
     for name in ("ul-encoder", "ul-decoder", "ul-prior", "ul-base"):
         assert client.search_model_versions(f"name = '{name}'"), f"{name} not registered in the server"
 
-    jobs = JobSubmissionClient(env["RAY_ADDRESS"]).list_jobs()
+    jobs = jobs_client(env["RAY_ADDRESS"]).list_jobs()
     assert len({j.metadata.get("stage") for j in jobs if j.metadata}) == 6
     exposed = [json.dumps(j.dict(), default=str) for j in jobs] + [
         json.dumps({**r.data.params, **r.data.tags}) for r in runs] + [log]
@@ -253,24 +251,40 @@ def test_ray_client_address_is_refused_naming_the_key(cluster, tmp_path):
         submit_stage(cfg, "stage1")
 
 
+def _point_ray_variables_elsewhere(monkeypatch) -> None:
+    """What a process that also ran a stage in process carries (ulcore.runtime.ensure_ray sets the first): Ray's
+    clients would prefer these addresses to the one they are given."""
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+
+
+def test_the_configured_address_wins_over_ray_variables_in_the_environment(cluster, monkeypatch):
+    from ulcore.jobs import client, live_nodes
+
+    address = f"http://127.0.0.1:{cluster[2]['RAY_DASHBOARD_PORT']}"
+    _point_ray_variables_elsewhere(monkeypatch)
+    assert len(live_nodes(address)) == 3
+    assert isinstance(client(address).list_jobs(), list)
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:9", "the caller's environment is restored"
+
+
 @pytest.mark.parametrize(("overrides", "key"), [
     (["storage.root=/tmp/ul-local-root", "tracking.uri=http://127.0.0.1:1"], "storage.root"),
     (["storage.root=s3://ul-test/refused", "tracking.uri="], "tracking.uri"),
     (["storage.root=s3://ul-test/refused", "tracking.uri=sqlite:///tmp/ul.db"], "tracking.uri"),
 ])
-def test_local_state_on_a_multi_node_cluster_is_refused_before_any_work(cluster, overrides, key):
-    from ray.job_submission import JobSubmissionClient
-
+def test_local_state_on_a_multi_node_cluster_is_refused_before_any_work(cluster, overrides, key, monkeypatch):
     from ulcore.config import ConfigError, load_config
-    from ulcore.jobs import submit_stage
+    from ulcore.jobs import client, submit_stage
 
     _folder, _env, ports = cluster
     address = f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}"
-    before = len(JobSubmissionClient(address).list_jobs())
+    _point_ray_variables_elsewhere(monkeypatch)
+    before = len(client(address).list_jobs())
     cfg = load_config(REPO / "params.yaml", [f"ray.address={address}", *overrides])
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*3 nodes.*set {re.escape(key)}="):
         submit_stage(cfg, "shard")
-    assert len(JobSubmissionClient(address).list_jobs()) == before, "a job was submitted anyway"
+    assert len(client(address).list_jobs()) == before, "a job was submitted anyway"
 
 
 SLEEPER = "python -c \"import time; print('started', flush=True); time.sleep(600)\""
@@ -278,11 +292,11 @@ SLEEPER = "python -c \"import time; print('started', flush=True); time.sleep(600
 
 def test_an_interrupted_submitter_stops_its_job(cluster):
     """Ctrl-C (or Prefect's termination of a cancelled flow run) in the process following a job stops the job."""
-    from ray.job_submission import JobSubmissionClient
+    from ulcore.jobs import client
 
     address = f"http://127.0.0.1:{cluster[2]['RAY_DASHBOARD_PORT']}"
-    code = ("import sys\nfrom ray.job_submission import JobSubmissionClient\nfrom ulcore import jobs\n"
-            f"c = JobSubmissionClient({address!r})\njob = c.submit_job(entrypoint={SLEEPER!r})\n"
+    code = ("from ulcore import jobs\n"
+            f"c = jobs.client({address!r})\njob = c.submit_job(entrypoint={SLEEPER!r})\n"
             "print('JOB', job, flush=True)\njobs.follow(c, job, lambda line: print(line, flush=True))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -294,18 +308,17 @@ def test_an_interrupted_submitter_stops_its_job(cluster):
     assert job, "no job submitted"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    assert str(JobSubmissionClient(address).get_job_status(job).value) == "STOPPED"
+    assert str(client(address).get_job_status(job).value) == "STOPPED"
 
 
 def test_cancelling_a_flow_run_stops_the_jobs_it_submitted(cluster):
     """What the flows' on_cancellation hook calls: every unfinished job of that flow run (or of a stage flow
     inside it) is stopped; other jobs are left alone."""
-    from ray.job_submission import JobSubmissionClient
-
+    from ulcore.jobs import client as jobs_client
     from ulcore.jobs import stop_flow_run_jobs
 
     address = f"http://127.0.0.1:{cluster[2]['RAY_DASHBOARD_PORT']}"
-    client = JobSubmissionClient(address)
+    client = jobs_client(address)
     mine = client.submit_job(entrypoint=SLEEPER, metadata={"prefect_flow_run_id": "child",
                                                           "prefect_root_flow_run_id": "parent"})
     other = client.submit_job(entrypoint=SLEEPER, metadata={"prefect_flow_run_id": "someone-else"})
@@ -317,33 +330,57 @@ def test_cancelling_a_flow_run_stops_the_jobs_it_submitted(cluster):
         client.stop_job(other)
 
 
-def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path, monkeypatch):
-    """Kill the raylet of the node training runs on: the job resumes from the newest checkpoint on S3 on the other
-    worker node and finishes; the sample counter continues from that checkpoint, not from 0."""
-    from ulcore import storage
+def _small_stage1(folder: Path, root: str, monkeypatch) -> Any:
+    """Stage 1 for 1024 samples with one worker, a checkpoint every 64, under `root`; its data sharded there."""
+    from tests.train.smoke import SMOKE
     from ulcore.config import load_config
     from ulcore.jobs import submit_stage
 
-    from tests.train.smoke import SMOKE
-
-    folder, _env, ports = cluster
     env = _cluster_env(folder)
-    overrides = [*SMOKE, *env["UL_CLUSTER_ARGS"].replace("--set ", "").split(), "storage.root=s3://ul-test/kill",
+    overrides = [*SMOKE, *env["UL_CLUSTER_ARGS"].replace("--set ", "").split(), f"storage.root={root}",
                  "ray.num_workers=1", "stage1.total_samples=1024", "stage1.ckpt_every_samples=64",
                  "stage1.log_every_samples=64"]
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"):
         monkeypatch.setenv(key, env[key])  # this test's S3 only: the session's moto endpoint is for the others
     cfg = load_config(REPO / "params.yaml", overrides)
     submit_stage(cfg, "shard")
+    return cfg
+
+
+def _stage1_until_a_checkpoint(cfg: Any) -> tuple[threading.Thread, list[str], dict[str, Any]]:
+    """Submit Stage 1 from a thread and return once its first checkpoint is on S3."""
+    from ulcore import storage
+    from ulcore.jobs import submit_stage
 
     lines: list[str] = []
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(submit_stage(cfg, "stage1", on_line=lines.append)))
+    result: dict[str, Any] = {}
+
+    def submit() -> None:
+        try:
+            result.update(summary=submit_stage(cfg, "stage1", on_line=lines.append))
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            result.update(error=exc)
+
+    thread = threading.Thread(target=submit)
     thread.start()
     deadline = time.monotonic() + 600
-    while not storage.list_uris("s3://ul-test/kill/checkpoints", suffix="meta.json"):
+    while not storage.list_uris(f"{cfg.storage.root}/checkpoints", suffix="meta.json"):
         assert time.monotonic() < deadline and thread.is_alive(), "\n".join(lines[-40:])
         time.sleep(1)
+    return thread, lines, result
+
+
+def _resumed_at(log: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\[stage1\] resumed at (\d+) samples", log)]
+
+
+def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, monkeypatch):
+    """Kill the raylet of the node training runs on: the job resumes from the newest checkpoint on S3 on the other
+    worker node and finishes; the sample counter continues from that checkpoint, not from 0."""
+    from ulcore import storage
+
+    cfg = _small_stage1(cluster[0], "s3://ul-test/kill", monkeypatch)
+    thread, lines, result = _stage1_until_a_checkpoint(cfg)
     node = _node_of("\n".join(lines), "stage1")[0]
     raylets = [p for p in psutil.process_iter(["name", "cmdline"])
                if p.info["name"] == "raylet" and f"--node_id={node}" in (p.info["cmdline"] or [])]
@@ -351,12 +388,34 @@ def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, tmp_path, m
     raylets[0].kill()
     thread.join(timeout=900)
     log = "\n".join(lines)
-    assert not thread.is_alive() and result, log[-4000:]
-    resumed = [int(n) for n in re.findall(r"\[stage1\] resumed at (\d+) samples", log)]
+    assert not thread.is_alive() and "summary" in result, f"{result.get('error')}\n{log[-4000:]}"
+    resumed = _resumed_at(log)
     assert resumed and resumed[0] > 0, log[-4000:]
     assert _node_of(log.split("retrying from the latest checkpoint")[-1], "stage1")[0] != node
-    final = storage.read_json("s3://ul-test/kill/metrics/stage1.json")
-    assert final["samples"] >= 1024
+    assert storage.read_json("s3://ul-test/kill/metrics/stage1.json")["samples"] >= 1024
+
+
+def test_stage1_resubmitted_after_the_whole_ray_cluster_went_away_continues_from_s3(cluster, monkeypatch):
+    """Every Ray node replaced mid Stage 1 (new head, new session): the interrupted submission fails, and the same
+    command submitted again to the new cluster continues from the checkpoint on S3."""
+    from ulcore import storage
+    from ulcore.jobs import live_nodes, submit_stage
+
+    folder, env, ports = cluster
+    cfg = _small_stage1(folder, "s3://ul-test/gone", monkeypatch)
+    thread, lines, result = _stage1_until_a_checkpoint(cfg)
+    restart = _cluster(env, "restart-ray", timeout=420)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "error" in result, "\n".join(lines[-40:])
+    assert len(live_nodes(f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}")) == 3
+
+    again: list[str] = []
+    submit_stage(cfg, "stage1", on_line=again.append)
+    log = "\n".join(again)
+    resumed = _resumed_at(log)
+    assert resumed and resumed[0] > 0, log[-4000:]
+    assert storage.read_json("s3://ul-test/gone/metrics/stage1.json")["samples"] >= 1024
 
 
 def test_down_leaves_nothing_running(cluster):
