@@ -150,6 +150,8 @@ def test_mixed_lineage_is_refused(cfg):
         promotion.lineage_of(cfg, mixed)
     with pytest.raises(LineageError, match="mixed lineage: encoder v"):
         promotion.lineage_of(cfg, {**a.versions, "decoder": b.versions["decoder"]})
+    with pytest.raises(LineageError, match=r"t.*-prior v99 is not in the registry"):
+        promotion.lineage_of(cfg, {**a.versions, "prior": "99"})
     write_eval(cfg, mixed, gfid=10.0, psnr=30.0)
     assert not promotion.run_promote(cfg)["promoted"]
     assert _promotion_json(cfg)["reason"].startswith("refused: mixed lineage")

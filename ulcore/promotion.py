@@ -152,8 +152,17 @@ def lineage_of(cfg: Config, versions: Mapping[str, str]) -> Lineage:
     missing = [net for net in NETS if net not in versions]
     if missing:
         raise LineageError(f"incomplete lineage {dict(versions)}: no {', '.join(missing)} version")
+    from mlflow.exceptions import MlflowException
+
     c = _client(cfg)
-    mv = {net: c.get_model_version(model_name(cfg, net), str(versions[net])) for net in NETS}
+    mv = {}
+    for net in NETS:
+        try:
+            mv[net] = c.get_model_version(model_name(cfg, net), str(versions[net]))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise LineageError(f"{model_name(cfg, net)} v{versions[net]} is not in the registry (deleted?)") from None
     runs = {net: mv[net].run_id for net in STAGE1_NETS}
     origin = runs["encoder"]
     for net in STAGE1_NETS:
