@@ -51,6 +51,14 @@ def test_resolution_order_file_then_overrides(tmp_path):
     (["model.encoder_channels=5"], "model.encoder_channels = 5: expected a list of int"),
     (["data.random_flip=1"], "data.random_flip = 1: expected true or false"),
     (["loss_factor"], "expected section.key=value"),
+    (["promote.metric=loss"], "promote.metric = 'loss': must be one of gfid, rfid, fvd, psnr, ssim"),
+    (["promote.min_improvement=1.5"], "promote.min_improvement = 1.5: must lie in [0, 1)"),
+    (["promote.guards={psnr: -1}"], "promote.guards.psnr = -1.0: must be >= 0"),
+    (["promote.guards={sharpness: 1}"], "promote.guards.sharpness = 1.0: guard a metric among gfid"),
+    (["promote.guards={psnr: lots}"], "promote.guards.psnr = 'lots': expected a number"),
+    (["promote.guards=[psnr]"], "promote.guards = ['psnr']: expected a mapping of strings to numbers"),
+    (["tracking.candidate_alias=champion"], "tracking.candidate_alias = 'champion': must differ from"),
+    (["tracking.champion_alias=latest"], "tracking.champion_alias = 'latest': must be a non-empty alias other"),
 ])
 def test_invalid_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -112,6 +120,7 @@ def test_configs_saved_by_earlier_versions_load():
     """A key an earlier version wrote (models' config.yaml, checkpoints) is accepted and has no effect."""
     saved = load_config(ROOT / "params.yaml").to_dict()
     saved["encode"]["samples_per_shard"] = 0
+    saved["tracking"]["alias"] = "champion"  # training set it; now only promotion moves the champion alias
     assert config_from_dict(saved) == load_config(ROOT / "params.yaml")
 
 

@@ -41,7 +41,7 @@ def test_locations_are_under_the_storage_root():
         assert layout.metrics(root, "eval") == storage.join(root, "metrics/eval.json")
         for stage, outs in layout.STAGE_OUTPUTS.items():  # the named locations are the DVC outputs
             assert all(storage.join(root, out).startswith(root.rstrip("/") + "/") for out in outs), stage
-    assert {layout.metrics("r", s) for s in ("stage1", "stage2", "eval")} == {
+    assert {layout.metrics("r", s) for s in ("stage1", "stage2", "eval", "promotion")} == {
         f"r/{p}" for outs in layout.STAGE_OUTPUTS.values() for p in outs if p.startswith("metrics/")}
 
 

@@ -185,13 +185,15 @@ def test_register_model_roundtrip_from_another_process(cfg, tmp_path):
         assert "VERSION 1" in out.stdout
         # a second version in this process moves the alias
         version = tracking.register_model(run_id, "ul-encoder", {"encoder": str(tmp_path / "encoder.safetensors")},
-                                          "champion", "model:\n  latent_channels: 4\n")
+                                          "champion", "model:\n  latent_channels: 4\n",
+                                          tags={tracking.STAGE1_RUN_TAG: run_id})
     assert version == "2"
     c = tracking.client(uri)
     assert str(c.get_model_version_by_alias("ul-encoder", "latest").version) == "2"  # MLflow's built-in alias
     assert str(c.get_model_version_by_alias("ul-encoder", "champion").version) == "2"
     mv = c.get_model_version("ul-encoder", "2")
     assert mv.run_id == run_id and mv.tags["run_id"] == run_id and mv.tags["preset"] == "tiny"
+    assert mv.tags[tracking.STAGE1_RUN_TAG] == run_id
 
     import mlflow
 

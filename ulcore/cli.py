@@ -1,5 +1,5 @@
-"""`unified-latents`: show the resolved params; run one stage without Prefect; sample images from the exported
-models."""
+"""`unified-latents`: show the resolved params; run one stage without Prefect; promote or roll back the champion by
+hand; sample images from the exported models."""
 
 from __future__ import annotations
 
@@ -25,6 +25,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     result = run_stage(args.stage, cfg)
     sys.stdout.write(json.dumps({k: v for k, v in result.items() if k != "markdown"}, indent=1, default=str) + "\n")
+    return 0
+
+
+def cmd_promotion(args: argparse.Namespace) -> int:
+    """`promote --run ID` / `rollback`: move the champion alias of all four nets by hand, holding the promote
+    stage's lock; recorded as a promotion run in MLflow (ulcore.promotion)."""
+    cfg = config_or_exit(args.params, args.overrides)
+    from ulcore import promotion
+    from ulcore.errors import LineageError
+    from ulcore.run_lock import StageLocked, stage_lock
+
+    try:
+        with stage_lock(cfg.storage.root, "promote"):
+            result = promotion.promote_run(cfg, args.run) if args.command == "promote" else promotion.rollback(cfg)
+    except (LineageError, StageLocked) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(result, indent=1, default=str) + "\n")
     return 0
 
 
@@ -75,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(layout.STAGE_OUTPUTS), help="the stage (dvc.yaml's name)")
     add_config_args(p)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("promote", help="make the lineage of a stage-1 or stage-2 MLflow run the champion, by hand")
+    p.add_argument("--run", required=True, metavar="ID", help="the MLflow run id of a stage-1 or stage-2 run")
+    add_config_args(p)
+    p.set_defaults(func=cmd_promotion)
+    p = sub.add_parser("rollback", help="move the champion back to the lineage it replaced")
+    add_config_args(p)
+    p.set_defaults(func=cmd_promotion)
     p = sub.add_parser("sample", help="sample images from the exported stage-1 and stage-2 models")
     add_config_args(p)
     p.add_argument("--n", type=int, default=16, help="number of samples")

@@ -169,7 +169,21 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; "" = sqlite:///<storage.root>/mlflow.db
     experiment: str = "unified-latents"
     model_prefix: str = "ul"  # registered model names: <prefix>-encoder, -decoder, -prior, -base
-    alias: str = "champion"  # registry alias set on every new version ("latest" is reserved by MLflow)
+    candidate_alias: str = "candidate"  # set by training on every new version
+    champion_alias: str = "champion"  # moved only by the promote stage, `unified-latents promote` and `rollback`
+
+
+# metrics/eval.json numbers the promote gate can compare, and which way is better
+GATE_METRICS = {"gfid": "lower", "rfid": "lower", "fvd": "lower", "psnr": "higher", "ssim": "higher",
+                "bits_per_pixel_prior": "lower", "bits_per_pixel_base": "lower", "bits_per_subpixel_prior": "lower",
+                "bits_per_subpixel_base": "lower"}
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    metric: str = "gfid"  # the metrics/eval.json number a candidate must improve on the champion's
+    min_improvement: float = 0.02  # by at least this fraction of the champion's value (0.02: gFID 2 % lower)
+    guards: dict[str, float] = field(default_factory=lambda: {"psnr": 0.2})  # metric -> largest allowed worsening
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,7 @@ class Config:
     stage2: Stage2Config = Stage2Config()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    promote: PromoteConfig = PromoteConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
@@ -290,15 +305,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key} = {value!r}: expected a list of {item_type.__name__}")
         return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
     if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise ConfigError(f"{key} = {value!r}: expected a mapping of strings to strings")
-        return dict(value)
+        (_key_type, value_type) = typing.get_args(annotation)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            kind = {str: "strings", float: "numbers"}[value_type]
+            raise ConfigError(f"{key} = {value!r}: expected a mapping of strings to {kind}")
+        return {k: _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
     raise ConfigError(f"{key}: unsupported type {annotation!r}")  # a programming error, named anyway
 
 
 # Keys earlier versions wrote (configs saved next to models and inside checkpoints still hold them): accepted and
 # ignored, with why. Any other unknown key is an error.
-RETIRED_KEYS = {"encode.samples_per_shard": "never had an effect: one latent shard per image shard"}
+RETIRED_KEYS = {"encode.samples_per_shard": "never had an effect: one latent shard per image shard",
+                "tracking.alias": "training sets tracking.candidate_alias; tracking.champion_alias moves on promotion"}
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
@@ -473,6 +491,7 @@ def validate(cfg: Config) -> None:
            "must fill a latent frame (frames past the last whole latent frame are kept in pixel space only)")
     _check(e.fvd_reconstruction_guidance >= 0, "eval.fvd_reconstruction_guidance", e.fvd_reconstruction_guidance,
            "must be >= 0 (0 = replacement only)")
+    _validate_promotion(cfg)
     _check(cfg.storage.root != "", "storage.root", cfg.storage.root, "must be a folder or s3://bucket/prefix")
     _check(cfg.storage.unreachable_after_s > 0, "storage.unreachable_after_s", cfg.storage.unreachable_after_s,
            "must be > 0 (seconds)")
@@ -489,6 +508,23 @@ def check_model_matches_data(cfg: Config) -> None:
     _check(video_source == cfg.is_video, "model.frames", cfg.model.frames,
            f"data.source = {cfg.data.source!r} needs model.frames {'> 1' if video_source else '= 1'} "
            f"(the tiny-video and kinetics600 presets set it)")
+
+
+def _validate_promotion(cfg: Config) -> None:
+    t, p = cfg.tracking, cfg.promote
+    metrics = ", ".join(GATE_METRICS)
+    for key in ("candidate_alias", "champion_alias"):
+        value = getattr(t, key)
+        _check(value != "" and value.lower() != "latest", f"tracking.{key}", value,
+               "must be a non-empty alias other than 'latest' (MLflow reserves it)")
+    _check(t.candidate_alias != t.champion_alias, "tracking.candidate_alias", t.candidate_alias,
+           "must differ from tracking.champion_alias")
+    _check(p.metric in GATE_METRICS, "promote.metric", p.metric, f"must be one of {metrics}")
+    _check(0 <= p.min_improvement < 1, "promote.min_improvement", p.min_improvement,
+           "must lie in [0, 1): a fraction of the champion's value (0.02 = 2 %)")
+    for name, allowed in p.guards.items():
+        _check(name in GATE_METRICS, f"promote.guards.{name}", allowed, f"guard a metric among {metrics}")
+        _check(allowed >= 0, f"promote.guards.{name}", allowed, "must be >= 0: the largest allowed worsening")
 
 
 def _validate_train(name: str, t: TrainConfig, num_workers: int) -> None:
@@ -546,7 +582,8 @@ def config_or_exit(params: str | Path | None, overrides: list[str]) -> Config:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "VideoConfig", "ShardConfig", "ModelConfig", "TrainConfig",
-    "Stage1Config", "Stage2Config", "EncodeConfig", "EvalConfig", "TrackingConfig", "StorageConfig", "RayConfig",
+    "Stage1Config", "Stage2Config", "EncodeConfig", "EvalConfig", "TrackingConfig", "PromoteConfig", "StorageConfig",
+    "RayConfig", "GATE_METRICS",
     "PRESETS", "SECTIONS", "load_config", "config_from_dict", "validate", "check_model_matches_data",
     "parse_override", "add_config_args",
     "config_or_exit",

@@ -17,6 +17,11 @@ class CorruptDataError(NonRetryableError):
     """More unreadable shards or samples than `data.max_bad_shards` / `data.max_bad_samples`; names the files."""
 
 
+class LineageError(NonRetryableError, ValueError):
+    """Nets that do not come from one stage-1 run (an encoder, decoder, prior and the base model trained on that
+    encoder's latents): never trained on, evaluated together or promoted together; names what came from where."""
+
+
 # FloatingPointError: the loop's divergence stop (consecutive non-finite losses) and numpy's errstate raises.
 NON_RETRYABLE = (NonRetryableError, FloatingPointError)
 
@@ -26,4 +31,5 @@ def first_non_retryable(errors: list[BaseException]) -> BaseException | None:
     return next((e for e in errors if isinstance(e, NON_RETRYABLE)), None)
 
 
-__all__ = ["NonRetryableError", "CorruptCheckpointError", "CorruptDataError", "NON_RETRYABLE", "first_non_retryable"]
+__all__ = ["NonRetryableError", "CorruptCheckpointError", "CorruptDataError", "LineageError", "NON_RETRYABLE",
+           "first_non_retryable"]

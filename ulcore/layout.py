@@ -7,6 +7,7 @@
     <root>/data/latents/<split>/        latent shards; stats.json                                        (encode)
     <root>/models/stage2/               base.safetensors, config.yaml, done.json                         (stage2)
     <root>/metrics/<stage>.json         final numbers of stage1, stage2 and evaluate ("eval.json")
+    <root>/metrics/promotion.json       the promote gate's decision on eval.json's lineage                (promote)
     <root>/outputs/, <root>/plots/      grids, samples and report plots                                   (evaluate)
     <root>/checkpoints/<stage>-<digest>/  Ray Train's resumable training state (not a DVC output)
     <root>/locks/<stage>.lock           one run of a stage per root (ulcore.run_lock)
@@ -48,6 +49,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "encode": (LATENTS,),
     "stage2": (f"{MODELS}/stage2", f"{METRICS}/stage2.json"),
     "evaluate": (OUTPUTS, f"{METRICS}/eval.json", PLOTS),
+    "promote": (f"{METRICS}/promotion.json",),
 }
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "shard": (),
@@ -56,6 +58,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "encode": (SHARDS, f"{MODELS}/stage1"),
     "stage2": (LATENTS,),
     "evaluate": (SHARDS, FID_REFS, f"{MODELS}/stage1", f"{MODELS}/stage2"),
+    "promote": (f"{METRICS}/eval.json",),
 }
 
 
@@ -103,7 +106,7 @@ def done_marker(root: str, stage: str) -> str:
 
 
 def metrics(root: str, name: str | None = None) -> str:
-    """metrics/<name>.json (stage1, stage2, eval), or the folder."""
+    """metrics/<name>.json (stage1, stage2, eval, promotion), or the folder."""
     return storage.join(root, METRICS, f"{name}.json") if name else storage.join(root, METRICS)
 
 

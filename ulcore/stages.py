@@ -20,6 +20,7 @@ from ulcore.config import Config, load_config
 from ulcore.data.sharding import run_shard
 from ulcore.eval.evaluate import run_evaluate
 from ulcore.eval.reference import run_reference
+from ulcore.promotion import run_promote
 from ulcore.run_lock import stage_lock
 from ulcore.runtime import ensure_ray
 from ulcore.train import stage1, stage2
@@ -54,6 +55,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("encode", run_encode),
     Stage("stage2", stage2.run_stage2, stage2.SPEC),
     Stage("evaluate", run_evaluate, in_process=True),
+    # re-evaluates the champion when the protocol changed (new data): a training worker's resources then
+    Stage("promote", run_promote, in_process=True),
 )
 BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 

@@ -39,6 +39,7 @@ GIT_COMMIT_ENV = "UL_GIT_COMMIT"  # set in a Ray job's env: its copy of the proj
 MAX_PARAM_VALUE = 6000  # MLflow 3 limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_TAG_VALUE = 8000
 MODEL_ARTIFACT = "model"  # artifact folder of a registered pyfunc model inside its run
+STAGE1_RUN_TAG = "stage1_run_id"  # on every registered version: the stage-1 run its lineage starts from
 # MLflow 3 opens an experiment on its GenAI overview (traces, token usage) unless it is a model-training one: the
 # experiment tag below says so (the UI's "Machine learning" kind), and links carry the UI's workflow type.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -386,9 +387,10 @@ def _requirements() -> list[str]:
 
 
 def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str, config_yaml: str, *,
-                   tracking_uri: str | None = None) -> str:
+                   tags: Mapping[str, str] | None = None, tracking_uri: str | None = None) -> str:
     """Log `files` (key -> local .safetensors path) + config as a pyfunc model in the run, register it as
-    `name`, point `alias` at the new version and return the version number (a string, as MLflow gives it).
+    `name`, point `alias` at the new version, set `tags` on it (with the run's lineage tags) and return the
+    version number (a string, as MLflow gives it).
 
     `config_yaml` is the YAML text of the resolved config, or a path to such a file. The alias "latest" is
     reserved by MLflow and needs no setting: `models:/<name>@latest` already resolves to the newest version.
@@ -436,6 +438,8 @@ def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str,
     for key in ("git_commit", "dvc_lock_sha256", "config_digest", "preset"):
         if key in run.data.tags:
             c.set_model_version_tag(name, version, key, run.data.tags[key])
+    for key, value in (tags or {}).items():
+        c.set_model_version_tag(name, version, key, value)
     return version
 
 
@@ -444,5 +448,5 @@ __all__ = [
     "ui_command", "run_name", "experiment_tags",
     "log_metrics", "log_image", "log_artifact", "log_figure", "register_model", "SafetensorsBundle",
     "flatten_params", "lineage_tags", "git_commit", "dvc_lock_hash", "prefect_flow_run_id", "PARENT_ENV",
-    "FLOW_RUN_ENV",
+    "FLOW_RUN_ENV", "STAGE1_RUN_TAG",
 ]

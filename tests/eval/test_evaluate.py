@@ -54,6 +54,8 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     saved = json.loads((root / "metrics" / "eval.json").read_text())
     assert saved["gfid"] == pytest.approx(result["gfid"]) and saved["inputs_digest"] == result["inputs_digest"]
     assert saved["fid_floor"] == pytest.approx(result["fid_floor"])
+    assert saved["protocol_digest"] == result["protocol_digest"] and len(saved["protocol_digest"]) == 16
+    assert saved["lineage"]["versions"] == {}  # exported by hand here: no done markers naming registered versions
     assert (root / "data" / "fid_refs" / f"{p['gfid_reference']['key_hash']}.npz").is_file()
     for name in ("outputs/samples.png", "outputs/reconstructions.png", "outputs/samples.npz",
                  "plots/rate_distortion.csv", "plots/rate_distortion.png", "plots/losses.csv"):

@@ -32,3 +32,21 @@ def test_describe_is_the_protocol_eval_json_records():
     assert d["gfid_reference"]["key_hash"] == "a" * 16 and d["fid_weights_sha256"] == "c" * 64
     assert d["monitoring"] is True and str(MONITORING_BELOW) in d["monitoring_note"]
     assert _protocol(f"eval.num_samples={MONITORING_BELOW}").monitoring is False
+
+
+def test_digest_changes_with_what_the_numbers_depend_on_only():
+    """The promote gate compares numbers under one digest: N, seeds and the reference statistics count; batch and
+    grid sizes (per-sample seeds) and where the FID network file lies do not."""
+    base = _protocol("eval.num_samples=4")
+    assert _protocol("eval.num_samples=4", "eval.batch_size=7", "eval.grid_size=9").digest() == base.digest()
+    moved = EvalProtocol.from_config(load_config(None, ["eval.num_samples=4"]), train_split="train", eval_split="val",
+                                     gfid_reference_key="a" * 16, rfid_reference_key="b" * 16,
+                                     floor_reference_key="d" * 16,
+                                     fid_network={"fid_weights_sha256": "c" * 64, "fid_weights_path": "/elsewhere"})
+    assert moved.digest() == base.digest()
+    assert _protocol("eval.num_samples=5").digest() != base.digest()
+    assert _protocol("eval.num_samples=4", "eval.seed=9").digest() != base.digest()
+    other_data = EvalProtocol.from_config(load_config(None, ["eval.num_samples=4"]), train_split="train",
+                                          eval_split="val", gfid_reference_key="e" * 16, rfid_reference_key="b" * 16,
+                                          floor_reference_key="d" * 16, fid_network={"fid_weights_sha256": "c" * 64})
+    assert other_data.digest() != base.digest()

@@ -15,8 +15,9 @@ from ulcore import tracking
 OUTS = {"shard": ["data/shards/train/train-000000.tar"], "reference": ["data/fid_refs/0123456789abcdef.npz"],
         "stage1": ["models/stage1/encoder.safetensors"],
         "encode": ["data/latents/train/train-000000.tar"], "stage2": ["models/stage2/base.safetensors"],
-        "evaluate": ["outputs/samples.png", "plots/rd.csv"]}
-METRICS = {"stage1": "metrics/stage1.json", "stage2": "metrics/stage2.json", "evaluate": "metrics/eval.json"}
+        "evaluate": ["outputs/samples.png", "plots/rd.csv"], "promote": []}
+METRICS = {"stage1": "metrics/stage1.json", "stage2": "metrics/stage2.json", "evaluate": "metrics/eval.json",
+           "promote": "metrics/promotion.json"}
 
 
 def _run(stage: str, cfg) -> dict:
@@ -45,3 +46,4 @@ def run_stage1(cfg): return _run("stage1", cfg)
 def run_encode(cfg): return _run("encode", cfg)
 def run_stage2(cfg): return _run("stage2", cfg)
 def run_evaluate(cfg): return _run("evaluate", cfg)
+def run_promote(cfg): return _run("promote", cfg)

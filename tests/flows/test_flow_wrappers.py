@@ -101,9 +101,10 @@ def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch
     state = ul(return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert (project / "calls.txt").read_text().split() == ["stage2", "evaluate"]
+    assert (project / "calls.txt").read_text().split() == ["stage2", "evaluate", "promote"]
     # subflows run without heartbeats of their own (the parent's cover the process): no 1 s join at each exit
-    assert (project / "heartbeats.txt").read_text().splitlines()[-2:] == ["stage2 None", "evaluate None"]
+    assert (project / "heartbeats.txt").read_text().splitlines()[-3:] == ["stage2 None", "evaluate None",
+                                                                          "promote None"]
     assert result["stages"]["shard"] == {"skipped": "up to date in dvc.lock"}
     assert result["dvc"] == "versions recorded in dvc.lock" and result["dvc_push"] == "no DVC remote configured"
     status = sh([sys.executable, "-m", "dvc", "status", "--json"], project, env_for())
@@ -113,7 +114,7 @@ def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch
     c = tracking.client(tracking.tracking_uri(cfg))
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
-    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "stage2"]
+    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "promote", "stage2"]
     failed = c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     assert {r.data.tags["stage"] for r in failed} == {"stage2", "pipeline"}
     assert all(r.data.tags["git_commit"] != "unknown" for r in children)

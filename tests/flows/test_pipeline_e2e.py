@@ -71,6 +71,10 @@ def test_deployment_runs_full_pipeline(stack):
                for r in children)
     models = {m.name for m in c.search_registered_models()}
     assert {"ul-encoder", "ul-decoder", "ul-prior"} <= models and any(m.startswith("ul-base") for m in models)
+    promotion = json.loads((project / "metrics/promotion.json").read_text())  # the first run promotes
+    assert promotion["promoted"] is True and promotion["champion"] is None and "gfid" in promotion["candidate"]
+    champions = {c.get_model_version_by_alias(f"ul-{n}", "champion").run_id for n in ("encoder", "decoder", "prior")}
+    assert champions == {c.get_model_version_by_alias("ul-base", "champion").tags["stage1_run_id"]}
 
     assert _dvc(project, env, "status", "--json").stdout.strip() == "{}"
 
@@ -86,6 +90,7 @@ def test_dvc_repro_is_noop_then_exp_run_reruns_one_stage(stack):
     sh(["git", "commit", "-q", "-m", "pipeline outputs recorded"], project, env)
     out = _dvc(project, env, "exp", "run", "-S", "eval.seed=7", "-n", "seed7", timeout=600)
     assert "Running stage 'evaluate'" in out.stdout and "Running stage 'stage1'" not in out.stdout, out.stdout
+    assert "Running stage 'promote'" in out.stdout  # another seed: the champion is measured again under it
     out = _dvc(project, env, "repro")
     assert "Running stage" not in out.stdout
 

@@ -99,9 +99,10 @@ def test_stage1_writes_models_metrics_and_registers(pipeline):
     assert [m.step for m in history] == [16, 32, 48, 64]
     assert {"decoder", "prior_kl_1", "ema_psnr", "final_bits_per_pixel", "final_bits_per_subpixel",
             "bits_per_subpixel", "clip_fraction", "grad_norm"} <= set(run.data.metrics)
-    for name in ("encoder", "decoder", "prior"):
-        version = client.get_model_version_by_alias(f"ul-{name}", cfg.tracking.alias)
-        assert version.run_id == run.info.run_id
+    for name in ("encoder", "decoder", "prior"):  # candidates: only the promote stage moves the champion alias
+        version = client.get_model_version_by_alias(f"ul-{name}", cfg.tracking.candidate_alias)
+        assert version.run_id == run.info.run_id and version.tags["stage1_run_id"] == run.info.run_id
+        assert cfg.tracking.champion_alias not in client.get_registered_model(f"ul-{name}").aliases
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"reconstructions", "prior_samples"} <= artifacts
 
@@ -154,6 +155,10 @@ def test_stage2_writes_model_and_base_bitrate(pipeline):
     metrics = storage.read_json(str(root / "metrics" / "stage2.json"))
     assert metrics["bits_per_pixel_base"] > 0 and metrics["samples"] == 64
     assert metrics["bits_per_subpixel_base"] == pytest.approx(metrics["bits_per_pixel_base"] / 3)
+    stage1_run = storage.read_json(str(root / "models" / "stage1" / "done.json"))["mlflow_run_id"]
+    assert storage.read_json(str(root / "models" / "stage2" / "done.json"))["stage1_run_id"] == stage1_run
+    base = MlflowClient(f"sqlite:///{root}/mlflow.db").get_model_version_by_alias("ul-base", "candidate")
+    assert base.run_id == metrics["mlflow_run_id"] and base.tags["stage1_run_id"] == stage1_run  # its lineage
 
 
 def test_sampling_is_deterministic_per_seed_whatever_the_batch(pipeline, tmp_path, monkeypatch):

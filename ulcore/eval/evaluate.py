@@ -21,6 +21,8 @@ phases that compute the statistics are in phases.py):
   published 50k-sample numbers; eval.json says so.
 Rerun with nothing changed does no work: eval.json stores a digest of every input (models, shards, params,
 metric weights) and is returned as is when it matches.
+For the promote stage eval.json also names the registered versions it evaluated (`lineage`, from the models' done
+markers) and `protocol_digest` (EvalProtocol.digest): numbers of two evaluations compare only when these agree.
 """
 
 from __future__ import annotations
@@ -120,6 +122,18 @@ def load_models(cfg: Config, where: Locations, device: torch.device) -> Models:
                   stage2=load_stage2(where.stage2).to(device) if has_stage2 else None, device=device)
 
 
+def evaluated_lineage(where: Locations) -> dict[str, Any]:
+    """Which registered versions the exported models are (their done markers): the candidate the promote stage
+    judges by these numbers. `stage1_run_id` is each training stage's lineage tag (ulcore.train.loop)."""
+    lineage: dict[str, Any] = {"versions": {}}
+    for stage, root in (("stage1", where.stage1), ("stage2", where.stage2)):
+        marker = storage.join(root, layout.DONE_FILE)
+        done = storage.read_json(marker) if storage.exists(marker) else {}
+        lineage[stage] = {"run_id": done.get("mlflow_run_id"), "stage1_run_id": done.get("stage1_run_id")}
+        lineage["versions"].update(done.get("registered", {}))
+    return lineage
+
+
 def run_evaluate(cfg: Config) -> dict[str, Any]:
     """Evaluate the exported models; writes metrics/eval.json, plots/, outputs/ and an MLflow run."""
     storage.use_endpoint(cfg.storage.s3_endpoint)
@@ -134,9 +148,36 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     digest = inputs_digest(cfg, roots, shards, weights.sha256)
     if storage.exists(where.eval_json):
         previous = storage.read_json(where.eval_json)
-        if previous.get("inputs_digest") == digest:
+        # an eval.json of an earlier version lacks the protocol digest the promote stage compares: measure again
+        if previous.get("inputs_digest") == digest and "protocol_digest" in previous:
             return {**previous, "skipped": True, "markdown": metrics_markdown(previous)}
+    measured = measure(cfg, where)
+    result = measured.result
+    result["lineage"] = evaluated_lineage(where)
+    result["inputs_digest"] = digest
+    measured.timings["total_s"] = time.perf_counter() - t_start
+    result["timings"] = {k: round(v, 2) for k, v in measured.timings.items()}
+    _publish(cfg, where, result, measured.rec, measured.gen, measured.pred, tracking)
+    result["markdown"] = metrics_markdown(result)
+    return result
 
+
+@dataclass
+class Measured:
+    """The numbers of eval.json (`result`) and what the phases produced for the grids."""
+    result: dict[str, Any]
+    rec: Reconstruction
+    gen: Generation | None
+    pred: Prediction | None
+    timings: dict[str, float]
+
+
+def measure(cfg: Config, where: Locations) -> Measured:
+    """Every number of the protocol for the models under `where.stage1` / `where.stage2`, writing nothing but
+    missing reference statistics (the promote stage re-evaluates a champion's registered nets through here)."""
+    train_split, eval_split = splits(cfg)
+    shards = {train_split: shard_uris(cfg, "images", train_split), eval_split: shard_uris(cfg, "images", eval_split)}
+    weights = resolve_fid_weights(cfg.eval.fid_weights)
     device = compute_device(cfg)
     models = load_models(cfg, where, device)
     nets = feature_nets(cfg, device, weights)
@@ -183,12 +224,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         result["gfid_unavailable_reason"] = f"{where.stage2}: no stage-2 model exported yet"
     if cfg.is_video:
         result["protocol"]["fvd"] = fvd_protocol(cfg, nets.i3d, protocol)
-    result["inputs_digest"] = digest
-    timings["total_s"] = time.perf_counter() - t_start
-    result["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    _publish(cfg, where, result, rec, gen, pred, tracking)
-    result["markdown"] = metrics_markdown(result)
-    return result
+    result["protocol_digest"] = protocol.digest()
+    return Measured(result, rec, gen, pred, timings)
 
 
 def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Reconstruction, ref: ReferencePass,
@@ -261,5 +298,5 @@ def _publish(cfg: Config, where: Locations, result: dict[str, Any], rec: Reconst
         storage.write_json(where.eval_json, result)
 
 
-__all__ = ["run_evaluate", "summarise", "load_models", "locations", "Locations", "metrics_markdown", "inputs_digest",
-           "METRIC_KEYS"]
+__all__ = ["run_evaluate", "measure", "Measured", "evaluated_lineage", "summarise", "load_models", "locations",
+           "Locations", "metrics_markdown", "inputs_digest", "METRIC_KEYS"]

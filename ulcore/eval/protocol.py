@@ -9,9 +9,11 @@ latents, context pixels), reconstruct() two (encoding noise, decoder); the bitra
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ulcore import layout
 from ulcore.config import Config
 
 MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
@@ -61,6 +63,15 @@ class EvalProtocol:
                    resolution=cfg.data.resolution, gfid_reference_key=gfid_reference_key,
                    rfid_reference_key=rfid_reference_key, floor_reference_key=floor_reference_key,
                    fid_network=dict(fid_network))
+
+    def digest(self) -> str:
+        """Identity of the protocol for comparing two evaluations' numbers (the promote gate): every field but the
+        batch and grid sizes (per-sample seeds: the numbers do not depend on them), and of the FID network its
+        sha256 and input processing, not where its file lies. The reference keys hash the data the statistics
+        were computed from, so new training data is a new protocol."""
+        doc = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "grid_size")}
+        doc["fid_network"] = {k: self.fid_network.get(k) for k in ("fid_weights_sha256", "fid_resize")}
+        return layout.digest(doc)
 
     @property
     def monitoring(self) -> bool:

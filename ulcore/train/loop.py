@@ -316,9 +316,12 @@ def input_digest(uri: str, what: str) -> str:
 
 
 def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
-                       export: Callable[[Config, nn.Module], dict[str, nn.Module]]) -> dict[str, Any]:
+                       export: Callable[[Config, nn.Module], dict[str, nn.Module]],
+                       stage1_run: Callable[[Config], str] | None = None) -> dict[str, Any]:
     """Shared driver of stage 1 and stage 2: skip when up to date, else train, export the EMA nets, write
-    metrics/<stage>.json, and register the models in MLflow under the configured alias."""
+    metrics/<stage>.json, and register the models in MLflow under tracking.candidate_alias (the promote stage
+    alone moves tracking.champion_alias). Each version is tagged with its lineage, the stage-1 run its nets come
+    from: `stage1_run(cfg)` (stage 2: the run whose encoder made the latents), else this run."""
     check_model_matches_data(cfg)
     digest = run_digest(cfg, spec, inputs)
     out = layout.model_dir(cfg.storage.root, spec.name)
@@ -328,6 +331,7 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         print(f"[{spec.name}] up to date ({out}, digest {digest}): nothing to do", flush=True)
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:
+        lineage = stage1_run(cfg) if stage1_run else run_id  # before training: a mixed lineage fails at once
         started = time.perf_counter()
         fitted = fit(cfg, spec, digest=digest, run_id=run_id)
         state = load_state(fitted.state_dir)
@@ -345,11 +349,13 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         tracking.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()}, step=int(state["samples"]))
         files = export_modules(export(cfg, ema), cfg, out)
         versions = {name: tracking.register_model(run_id, f"{cfg.tracking.model_prefix}-{name}",
-                                                  {"weights": path}, cfg.tracking.alias, cfg.to_yaml())
+                                                  {"weights": path}, cfg.tracking.candidate_alias, cfg.to_yaml(),
+                                                  tags={tracking.STAGE1_RUN_TAG: lineage})
                     for name, path in files.items()}
         metrics_doc = {**metrics, "digest": digest, "mlflow_run_id": run_id}
         storage.write_json(metrics_uri, metrics_doc)
-        storage.write_json(done_uri, {"digest": digest, "mlflow_run_id": run_id, "registered": versions})
+        storage.write_json(done_uri, {"digest": digest, "mlflow_run_id": run_id, "registered": versions,
+                                      tracking.STAGE1_RUN_TAG: lineage})
     table = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float))
     return {"skipped": False, "models": out, "metrics": metrics_doc, "mlflow_run_id": run_id,
             "markdown": f"## {spec.name}\n\n| metric | value |\n|---|---|\n{table}\n\nModels: `{out}`"}

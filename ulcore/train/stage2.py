@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ulcore import images, layout, tracking
+from ulcore import images, layout, storage, tracking
 from ulcore.config import Config
+from ulcore.errors import LineageError
 from ulcore.data import loaders
 from ulcore.diffusion import bitrate, sampling
 from ulcore.diffusion.losses import bits_per_subpixel, sigmoid_weighted_loss
@@ -96,10 +97,25 @@ def inputs_digest(cfg: Config) -> str:
     return input_digest(layout.latents_stats(cfg.storage.root), "encode")
 
 
+def encoder_run(cfg: Config) -> str:
+    """The stage-1 MLflow run whose encoder made data/latents: the base model's lineage. The latents' stats name
+    their encoder by its done digest, models/stage1/done.json names that digest's run; when models/stage1 holds
+    another stage-1 run the latents are stale, and a base model trained on them would pair with a decoder that
+    never saw its latents (LineageError, before any training)."""
+    root = cfg.storage.root
+    stats, done = storage.read_json(layout.latents_stats(root)), layout.done_marker(root, "stage1")
+    marker = storage.read_json(done) if storage.exists(done) else {}
+    if stats.get("encoder") != marker.get("digest") or not marker.get("mlflow_run_id"):
+        raise LineageError(f"{layout.latents_stats(root)}: the latents were encoded by stage-1 export "
+                           f"{stats.get('encoder')}, but {done} records {marker.get('digest')}: rerun the encode "
+                           "stage so that the base model learns the latents of the stage-1 nets it ships with")
+    return marker["mlflow_run_id"]
+
+
 SPEC = StageSpec(name="stage2", build=Stage2Objective, batches=train_batches, monitor=monitor,
                  sections=("model", "stage2"))
 
 
 def run_stage2(cfg: Config) -> dict[str, Any]:
     """The `stage2` stage: train the base model, export models/stage2/, write metrics/stage2.json, register."""
-    return run_training_stage(cfg, SPEC, inputs=inputs_digest(cfg), export=export)
+    return run_training_stage(cfg, SPEC, inputs=inputs_digest(cfg), export=export, stage1_run=encoder_run)
