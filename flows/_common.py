@@ -106,7 +106,8 @@ def summary_markdown(stage: str, result: dict[str, Any], runs: list[tuple[str, s
 
 @task(name="publish-summary", retries=2, retry_delay_seconds=1)
 def publish_summary(stage: str, markdown: str) -> None:
-    create_markdown_artifact(markdown=markdown, key=f"ul-{stage}", description=f"What ul-{stage} wrote")
+    key = f"ul-{stage.replace('_', '-')}"  # artefact keys allow lower-case letters, digits and dashes only
+    create_markdown_artifact(markdown=markdown, key=key, description=f"What ul-{stage} wrote")
 
 
 def stage_flow_body(stage: str, params: str, overrides: list[str]) -> dict[str, Any]:

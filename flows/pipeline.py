@@ -1,9 +1,10 @@
-"""Flow `ul` (deployment `ul/full-pipeline`): shard -> reference -> stage1 -> encode -> stage2 -> evaluate ->
-promote as subflows.
+"""Flow `ul` (deployment `ul/full-pipeline`): raw_manifest -> shard -> reference -> stage1 -> encode -> stage2 ->
+evaluate -> promote as subflows.
 
 It opens the parent MLflow run (stage runs nest under it through UL_PARENT_RUN_ID), records each finished
 stage's versions in dvc.lock (`dvc commit`), skips stages that dvc.lock already shows up to date (so a rerun
-after a failure resumes at the failed stage), and pushes to the DVC remote when one is configured. See
+after a failure resumes at the failed stage; `raw_manifest` is always changed, so every run lists the raw data and the
+shard stage runs exactly when that changed), and pushes to the DVC remote when one is configured. See
 flows/_versions.py for when DVC recording applies.
 
 Run: `python -m flows.pipeline [--params params.yaml] [--set section.key=value ...]`.
@@ -23,14 +24,15 @@ from flows._common import STAGES, flow_run_lineage, load, publish_summary, stop_
 from flows.encode import encode
 from flows.evaluate import evaluate
 from flows.promote import promote
+from flows.raw_manifest import raw_manifest
 from flows.reference import reference
 from flows.shard import shard
 from flows.stage1 import stage1
 from flows.stage2 import stage2
 from ulcore import tracking
 
-SUBFLOWS = {"shard": shard, "reference": reference, "stage1": stage1, "encode": encode, "stage2": stage2,
-            "evaluate": evaluate, "promote": promote}
+SUBFLOWS = {"raw_manifest": raw_manifest, "shard": shard, "reference": reference, "stage1": stage1, "encode": encode,
+            "stage2": stage2, "evaluate": evaluate, "promote": promote}
 # Subflows run in the `ul` flow's process, whose own heartbeats tell the server it is alive (a crash takes both
 # down), so they run without: Prefect joins a flow's heartbeat thread at exit and that thread sleeps in 1 s steps,
 # which cost ~1 s per subflow (a bare subflow call measured 1.26 s with heartbeats, 0.30 s without).
@@ -54,7 +56,8 @@ def push(root: str) -> str:
 
 @flow(name="ul", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def ul(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]:  # noqa: B006
-    """The whole Unified Latents pipeline: shard, FID references, stage 1, encode, stage 2, evaluate, promote."""
+    """The whole Unified Latents pipeline: raw-data manifest, shard, FID references, stage 1, encode, stage 2,
+    evaluate, promote."""
     logger = get_run_logger()
     cfg = load(params, overrides)  # bad params fail here, before any stage starts
     root, reason = _versions.recording_blocker(cfg, STAGES)

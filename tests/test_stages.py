@@ -31,6 +31,6 @@ def test_entries_are_the_functions_and_the_training_specs():
 
 
 def test_unknown_stage_is_refused_naming_the_stages(tmp_path):
-    with pytest.raises(ValueError, match="stage 'stage3': expected one of shard, reference, stage1"):
+    with pytest.raises(ValueError, match="stage 'stage3': expected one of raw_manifest, shard, reference, stage1"):
         stages.run_stage("stage3", load_config(None, [f"storage.root={tmp_path}"]))
     assert list(tmp_path.iterdir()) == []  # refused before taking any lock

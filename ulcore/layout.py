@@ -1,7 +1,9 @@
 """Where every stage reads and writes, relative to `storage.root`, and the rule that says an output is done.
 
     <root>/data/raw/<source>/           generated embedded sources (the shard stage's input when data.root is empty)
-    <root>/data/shards/<split>/         <split>-NNNNNN.tar + .stats.json per shard; summary.json        (shard)
+    <root>/data/raw_manifest.json       digest of the raw data's listing (ulcore.data.manifest)        (raw_manifest)
+    <root>/data/shards/<split>/         <split>-NNNNNN.tar + .stats.json per shard; summary.json,
+                                        raw_manifest.json (every raw file the shards were built from)   (shard)
     <root>/data/fid_refs/<key>.npz      FID reference statistics, keyed by what they were computed from (reference)
     <root>/models/stage1/               {encoder,decoder,prior}.safetensors, config.yaml, done.json     (stage1)
     <root>/data/latents/<split>/        latent shards; stats.json                                        (encode)
@@ -30,6 +32,7 @@ from typing import Any
 
 from ulcore import storage
 
+RAW_MANIFEST = "data/raw_manifest.json"
 SHARDS = "data/shards"
 LATENTS = "data/latents"
 FID_REFS = "data/fid_refs"
@@ -43,6 +46,7 @@ DONE_FILE = "done.json"  # a model folder's done marker
 
 # DVC stage -> what it writes / which outputs of other stages it reads, relative to storage.root
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "raw_manifest": (RAW_MANIFEST,),
     "shard": (SHARDS,),
     "reference": (FID_REFS,),
     "stage1": (f"{MODELS}/stage1", f"{METRICS}/stage1.json"),
@@ -52,7 +56,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "promote": (f"{METRICS}/promotion.json",),
 }
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "shard": (),
+    "raw_manifest": (),
+    "shard": (RAW_MANIFEST,),
     "reference": (SHARDS,),
     "stage1": (SHARDS,),
     "encode": (SHARDS, f"{MODELS}/stage1"),
@@ -66,6 +71,11 @@ def raw(root: str, source: str) -> str:
     return storage.join(root, "data", "raw", source)
 
 
+def raw_manifest(root: str) -> str:
+    """The raw data's digest and counts: the shard stage's DVC dependency."""
+    return storage.join(root, RAW_MANIFEST)
+
+
 def shards(root: str, split: str | None = None) -> str:
     """The image (or clip) shards, or one split's folder of them."""
     return storage.join(root, SHARDS, split) if split else storage.join(root, SHARDS)
@@ -73,6 +83,11 @@ def shards(root: str, split: str | None = None) -> str:
 
 def shards_summary(root: str) -> str:
     return storage.join(root, SHARDS, "summary.json")
+
+
+def shards_raw_manifest(root: str) -> str:
+    """Every raw file (key, size, ETag or mtime) the current shards were built from."""
+    return storage.join(root, SHARDS, "raw_manifest.json")
 
 
 def latents(root: str, split: str | None = None) -> str:
@@ -143,6 +158,6 @@ def is_done(marker_uri: str, expected: str, key: str = "digest") -> bool:
     return recorded_digest(marker_uri, key) == expected
 
 
-__all__ = ["STAGE_OUTPUTS", "STAGE_INPUTS", "raw", "shards", "shards_summary", "latents", "latents_stats", "fid_ref",
-           "models", "model_dir", "done_marker", "metrics", "outputs", "plots", "checkpoints", "lock", "digest",
-           "recorded_digest", "is_done", "DONE_FILE"]
+__all__ = ["STAGE_OUTPUTS", "STAGE_INPUTS", "raw", "raw_manifest", "shards", "shards_summary", "shards_raw_manifest",
+           "latents", "latents_stats", "fid_ref", "models", "model_dir", "done_marker", "metrics", "outputs", "plots",
+           "checkpoints", "lock", "digest", "recorded_digest", "is_done", "DONE_FILE"]

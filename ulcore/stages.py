@@ -17,6 +17,7 @@ import ray
 
 from ulcore import jobs, layout
 from ulcore.config import Config, load_config
+from ulcore.data.manifest import run_raw_manifest
 from ulcore.data.sharding import run_shard
 from ulcore.eval.evaluate import run_evaluate
 from ulcore.eval.reference import run_reference
@@ -49,6 +50,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
+    Stage("raw_manifest", run_raw_manifest),  # a listing: on a cluster it runs in the job's driver itself
     Stage("shard", run_shard),
     Stage("reference", run_reference, in_process=True),
     Stage("stage1", stage1.run_stage1, stage1.SPEC),

@@ -338,6 +338,19 @@ def list_uris(prefix: str, suffix: str = "") -> list[str]:
     return sorted(found)
 
 
+def list_objects(prefix: str) -> list[tuple[str, int, str]]:
+    """(URI, size in bytes, ETag) of every object below the S3 folder `prefix`, sorted by URI: what one
+    ListObjectsV2 pass returns, with no request per object (the raw-data manifest of ulcore.data.manifest)."""
+    bucket, key = split_s3(prefix)
+    key = key.rstrip("/") + "/" if key.strip("/") else ""
+    found = []
+    for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                found.append((f"{S3_PREFIX}{bucket}/{obj['Key']}", int(obj["Size"]), str(obj["ETag"]).strip('"')))
+    return sorted(found)
+
+
 def remove(uri: str) -> None:
     """Delete a file, or a folder and everything below it; a missing target is not an error."""
     if is_s3(uri):
@@ -365,5 +378,5 @@ def _unlink_quietly(path: str) -> None:
 __all__ = [
     "is_s3", "join", "split_s3", "StorageUnreachable", "transient_errors", "use_endpoint", "s3_env", "client",
     "exists", "read_bytes", "open_read", "write_bytes", "upload_file", "download_file", "read_text", "write_text",
-    "read_json", "write_json", "list_uris", "remove", "publish_local",
+    "read_json", "write_json", "list_uris", "list_objects", "remove", "publish_local",
 ]

@@ -12,7 +12,7 @@ from prefect.settings import get_current_settings
 
 from ulcore import tracking
 
-OUTS = {"shard": ["data/shards/train/train-000000.tar"], "reference": ["data/fid_refs/0123456789abcdef.npz"],
+OUTS = {"raw_manifest": ["data/raw_manifest.json"], "shard": ["data/shards/train/train-000000.tar"], "reference": ["data/fid_refs/0123456789abcdef.npz"],
         "stage1": ["models/stage1/encoder.safetensors"],
         "encode": ["data/latents/train/train-000000.tar"], "stage2": ["models/stage2/base.safetensors"],
         "evaluate": ["outputs/samples.png", "plots/rd.csv"], "promote": []}
@@ -40,6 +40,7 @@ def _run(stage: str, cfg) -> dict:
     return {**result, "markdown": f"**fake {stage}** done"}
 
 
+def run_raw_manifest(cfg): return _run("raw_manifest", cfg)
 def run_shard(cfg): return _run("shard", cfg)
 def run_reference(cfg): return _run("reference", cfg)
 def run_stage1(cfg): return _run("stage1", cfg)

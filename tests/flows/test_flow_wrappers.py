@@ -4,6 +4,7 @@ validation, markdown artefacts, lineage tags, nesting, DVC recording, failure an
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -80,8 +81,9 @@ def test_stage_flow_publishes_summary_and_tags_mlflow(tmp_path, monkeypatch, fak
 
 @pytest.mark.slow
 def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch, fake_stages):
-    """Stage 4 fails: the flow run is Failed with the error; stages 1-3 are recorded in dvc.lock. The rerun
-    skips them, runs stage2 and evaluate, and leaves `dvc status` clean; MLflow runs nest under the pipeline."""
+    """stage2 fails: the flow run is Failed with the error; the stages before it are recorded in dvc.lock. The rerun
+    lists the raw data again, skips them, runs stage2 and evaluate, and leaves `dvc status` clean (but for the
+    always-changed raw_manifest); MLflow runs nest under the pipeline."""
     from flows.pipeline import ul
     from ulcore import tracking
     from ulcore.config import load_config
@@ -92,7 +94,8 @@ def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch
     state = ul(return_state=True)
     assert state.is_failed()
     assert "fake failure in stage2" in state.message
-    assert (project / "calls.txt").read_text().split() == ["shard", "reference", "stage1", "encode", "stage2"]
+    assert (project / "calls.txt").read_text().split() == ["raw_manifest", "shard", "reference", "stage1", "encode",
+                                                           "stage2"]
     lock = (project / "dvc.lock").read_text()
     assert "shard:" in lock and "encode:" in lock and "stage2:" not in lock
 
@@ -101,20 +104,21 @@ def test_pipeline_failure_then_resume_records_dvc_versions(tmp_path, monkeypatch
     state = ul(return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert (project / "calls.txt").read_text().split() == ["stage2", "evaluate", "promote"]
+    assert (project / "calls.txt").read_text().split() == ["raw_manifest", "stage2", "evaluate", "promote"]  # the
+    # raw data is listed on every run; its record is unchanged, so the shard stage stays up to date
     # subflows run without heartbeats of their own (the parent's cover the process): no 1 s join at each exit
     assert (project / "heartbeats.txt").read_text().splitlines()[-3:] == ["stage2 None", "evaluate None",
                                                                           "promote None"]
     assert result["stages"]["shard"] == {"skipped": "up to date in dvc.lock"}
     assert result["dvc"] == "versions recorded in dvc.lock" and result["dvc_push"] == "no DVC remote configured"
     status = sh([sys.executable, "-m", "dvc", "status", "--json"], project, env_for())
-    assert status.stdout.strip() == "{}"
+    assert json.loads(status.stdout) == {"raw_manifest": ["always changed"]}
 
     cfg = load_config("params.yaml")
     c = tracking.client(tracking.tracking_uri(cfg))
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
-    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "promote", "stage2"]
+    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "promote", "raw_manifest", "stage2"]
     failed = c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     assert {r.data.tags["stage"] for r in failed} == {"stage2", "pipeline"}
     assert all(r.data.tags["git_commit"] != "unknown" for r in children)

@@ -74,3 +74,31 @@ def test_encode_shard_writes_the_encoders_latents_and_their_channel_sums(tmp_pat
 
     assert encode_shard(source, out, cfg.to_dict(), {}, "enc-1")["skipped"]
     assert "skipped" not in encode_shard(source, out, cfg.to_dict(), {}, "enc-2")
+
+
+def test_run_encode_removes_the_latent_shard_of_a_removed_image_shard(tmp_path):
+    """Resharding removed an image shard (its raw inputs vanished): its latent shard goes too, the rest is kept."""
+    import ray
+
+    from ulcore import layout, storage
+    from ulcore.data.shards import list_shards, stats_uri
+    from ulcore.train.encode import run_encode
+
+    cfg = load_config(None, [f"storage.root={tmp_path}", "data.splits=[train]", "ray.num_cpus=1", *OVERRIDES])
+    export_modules({"encoder": build_encoder(cfg.model).eval()}, cfg, stage1_root(cfg))
+    storage.write_json(layout.done_marker(str(tmp_path), "stage1"), {"digest": "enc-1"})
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    shards = [storage.join(layout.shards(str(tmp_path), "train"), f"train-00000{i}.tar") for i in range(2)]
+    for i, uri in enumerate(shards):
+        write_shard(uri, ({"__key__": f"img{i}{j}", "png": png(x), "cls": 0} for j, x in enumerate(images)))
+    latents = layout.latents(str(tmp_path), "train")
+    try:
+        assert run_encode(cfg)["shards_written"] == 2 and len(list_shards(latents, "train")) == 2
+        storage.remove(stats_uri(shards[0]))
+        storage.remove(shards[0])
+        result = run_encode(cfg)
+    finally:
+        ray.shutdown()  # its one-CPU local instance is not what later tests ask for
+    assert result["shards_skipped"] == 1 and result["stats"]["splits"]["train"] == {"shards": 1, "samples": 4}
+    assert [u.rsplit("/", 1)[-1] for u in storage.list_uris(latents)] == ["train-000001.stats.json",
+                                                                           "train-000001.tar"]

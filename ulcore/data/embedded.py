@@ -86,11 +86,30 @@ def _staging_dir(root: str) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.", dir=parent)
 
 
+def _video_geometry(cfg: Config) -> tuple[int, int, int]:
+    """(seconds, height, width) of the embedded-video clips."""
+    seconds = math.ceil(cfg.video.frames / cfg.video.fps) + 1  # one spare second so fps rounding never cuts short
+    height = 2 * round(cfg.data.resolution * 5 / 8)  # landscape and larger than the target: resize + crop do work
+    return seconds, height, 2 * round(height * 3 / 4)
+
+
+def build_spec(cfg: Config) -> dict:
+    """What a build of the embedded source `data.source` is a function of, besides the asset: its embedded.json."""
+    d, v = cfg.data, cfg.video
+    spec = {"version": LAYOUT_VERSION, "resolution": d.resolution, "train_per_class": d.embedded_train_per_class,
+            "val_per_class": d.embedded_val_per_class}
+    if d.source == "embedded":
+        return {"layout": "imagenet", **spec}
+    if d.source == "embedded-video":
+        return {"layout": "kinetics", **spec, "seconds": _video_geometry(cfg)[0], "annotations": dict(v.annotations),
+                "video_dirs": dict(v.video_dirs)}
+    raise ValueError(f"data.source = {d.source!r} is not an embedded source")
+
+
 def write_images(root: str, cfg: Config) -> str:
     """ILSVRC2012 layout of the subset at data.resolution RGB; skipped when an identical build is present."""
     d = cfg.data
-    manifest = {"layout": "imagenet", "version": LAYOUT_VERSION, "resolution": d.resolution,
-                "train_per_class": d.embedded_train_per_class, "val_per_class": d.embedded_val_per_class}
+    manifest = build_spec(cfg)
     if _already_built(root, manifest):
         return root
     subset = load_subset()
@@ -151,12 +170,8 @@ def moving_object_clip(obj: np.ndarray, *, frames: int, height: int, width: int,
 def write_video_set(root: str, cfg: Config) -> str:
     """Kinetics layout of moving-object clips, one class per Fashion-MNIST class; skipped when already built."""
     d, v = cfg.data, cfg.video
-    seconds = math.ceil(v.frames / v.fps) + 1  # one spare second so fps rounding never makes a clip too short
-    height = 2 * round(d.resolution * 5 / 8)  # landscape and larger than the target: resize + crop do real work
-    width = 2 * round(height * 3 / 4)
-    manifest = {"layout": "kinetics", "version": LAYOUT_VERSION, "resolution": d.resolution,
-                "train_per_class": d.embedded_train_per_class, "val_per_class": d.embedded_val_per_class,
-                "seconds": seconds, "annotations": dict(v.annotations), "video_dirs": dict(v.video_dirs)}
+    seconds, height, width = _video_geometry(cfg)
+    manifest = build_spec(cfg)
     if _already_built(root, manifest):
         return root
     missing = [s for s in ("train", "val") if s not in v.annotations or s not in v.video_dirs]
@@ -210,4 +225,4 @@ def ensure_source(cfg: Config, root: str) -> str:
     raise ValueError(f"data.source = {cfg.data.source!r} is not an embedded source")
 
 
-__all__ = ["ASSET", "load_subset", "wnid", "write_images", "moving_object_clip", "write_video_set", "ensure_source"]
+__all__ = ["ASSET", "load_subset", "wnid", "build_spec", "write_images", "moving_object_clip", "write_video_set", "ensure_source"]

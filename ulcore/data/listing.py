@@ -54,7 +54,7 @@ def is_hidden(rel: str) -> bool:
     return any(part.startswith(".") or part.lower() in IGNORED_NAMES for part in rel.split("/"))
 
 
-def _walk_local(folder: str, parents: frozenset[str]) -> Iterator[tuple[str, tuple[str, str] | None]]:
+def walk_local(folder: str, parents: frozenset[str]) -> Iterator[tuple[str, tuple[str, str] | None]]:
     """(path, None) for each non-folder entry below `folder`, or (path, (reason, detail)) for what cannot be
     walked; symlinked folders are followed unless they lead back to one of `parents` (real paths)."""
     try:
@@ -74,10 +74,10 @@ def _walk_local(folder: str, parents: frozenset[str]) -> Iterator[tuple[str, tup
         if real in parents:
             yield entry.path, ("symlink_loop", f"links back to its own parent folder {real}")
         else:
-            yield from _walk_local(entry.path, parents | {real})
+            yield from walk_local(entry.path, parents | {real})
 
 
-def _local_problem(path: str) -> tuple[str, str] | None:
+def local_problem(path: str) -> tuple[str, str] | None:
     """Why a listed local path cannot be read as a file, or None."""
     try:
         mode = os.stat(path).st_mode  # follows symlinks
@@ -100,7 +100,7 @@ def scan(base: str, extensions: tuple[str, ...], max_depth: int = 0, layout: str
     if storage.is_s3(base):
         found: Iterator[tuple[str, tuple[str, str] | None]] = ((u, None) for u in storage.list_uris(base))
     elif os.path.isdir(base):
-        found = _walk_local(base, frozenset({os.path.realpath(base)}))
+        found = walk_local(base, frozenset({os.path.realpath(base)}))
     else:
         found = iter(())
     candidates: list[str] = []
@@ -112,7 +112,7 @@ def scan(base: str, extensions: tuple[str, ...], max_depth: int = 0, layout: str
             ignored += 1
             continue
         if problem is None and not storage.is_s3(uri):
-            problem = _local_problem(uri)
+            problem = local_problem(uri)
         parts = rel.split("/")
         if problem is None and max_depth and len(parts) > max_depth:
             inner = "/".join(parts[:max_depth])
@@ -127,4 +127,4 @@ def scan(base: str, extensions: tuple[str, ...], max_depth: int = 0, layout: str
     return sorted(candidates), sorted(rejects, key=lambda r: r["path"]), ignored
 
 
-__all__ = ["IGNORED_NAMES", "Listing", "relative", "is_hidden", "scan"]
+__all__ = ["IGNORED_NAMES", "Listing", "relative", "is_hidden", "walk_local", "local_problem", "scan"]

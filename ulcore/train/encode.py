@@ -23,7 +23,7 @@ import torch
 from ulcore import layout, storage
 from ulcore.config import Config, check_model_matches_data, config_from_dict
 from ulcore.data import loaders
-from ulcore.data.shards import content_digest, list_shards, read_stats, write_shard
+from ulcore.data.shards import content_digest, list_shards, read_stats, stats_uri, write_shard
 from ulcore.models import load_encoder, stage1_root
 from ulcore.runtime import compute_device, ensure_ray
 
@@ -118,6 +118,11 @@ def run_encode(cfg: Config) -> dict[str, Any]:
             jobs.append((shard, storage.join(layout.latents(root, split), os.path.basename(shard)), split))
     if not jobs:
         raise FileNotFoundError(f"no finished image shards under {layout.shards(root)}: run the shard stage first")
+    targets = {dst for _, dst, _ in jobs}
+    for split in cfg.data.splits:  # the image shard went (its raw inputs vanished): so does its latent shard
+        for stale in [u for u in list_shards(layout.latents(root, split), split) if u not in targets]:
+            storage.remove(stats_uri(stale))
+            storage.remove(stale)
     ensure_ray(cfg.ray)
     task = ray.remote(encode_shard).options(num_cpus=1, num_gpus=1 if cfg.ray.use_gpu else 0, max_retries=2,
                                             retry_exceptions=storage.transient_errors())
