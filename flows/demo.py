@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_or_exit(args.params, args.overrides)
     print(f"Unified Latents demo: preset {cfg.preset}, storage root {Path(cfg.storage.root).resolve()}, "
-          f"config {cfg.digest()}\nRunning shard -> reference -> stage1 -> encode -> stage2 -> evaluate -> promote "
-          "through Prefect (ephemeral API; the first start takes ~10 s)...", flush=True)
+          f"config {cfg.digest()}\nRunning raw_manifest -> shard -> reference -> stage1 -> encode -> stage2 -> "
+          "evaluate -> promote through Prefect (ephemeral API; the first start takes ~10 s)...", flush=True)
     from flows.pipeline import ul
 
     start = time.perf_counter()

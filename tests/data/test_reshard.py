@@ -47,7 +47,8 @@ def _keys(tar: str) -> list[str]:
 
 
 def _consistent(cfg, summary) -> dict[str, list[str]]:
-    """Summary index == finished shards == what readers get; the full manifest is the summary's. Returns shard -> keys."""
+    """Summary index == finished shards == what readers get; the full manifest is the summary's.
+    Returns shard -> keys."""
     root = cfg.storage.root
     uris = loaders.shard_uris(cfg, "images", "train")
     index = summary["splits"]["train"]["index"]

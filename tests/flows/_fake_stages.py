@@ -12,7 +12,8 @@ from prefect.settings import get_current_settings
 
 from ulcore import tracking
 
-OUTS = {"raw_manifest": ["data/raw_manifest.json"], "shard": ["data/shards/train/train-000000.tar"], "reference": ["data/fid_refs/0123456789abcdef.npz"],
+OUTS = {"raw_manifest": ["data/raw_manifest.json"], "shard": ["data/shards/train/train-000000.tar"],
+        "reference": ["data/fid_refs/0123456789abcdef.npz"],
         "stage1": ["models/stage1/encoder.safetensors"],
         "encode": ["data/latents/train/train-000000.tar"], "stage2": ["models/stage2/base.safetensors"],
         "evaluate": ["outputs/samples.png", "plots/rd.csv"], "promote": []}

@@ -225,4 +225,5 @@ def ensure_source(cfg: Config, root: str) -> str:
     raise ValueError(f"data.source = {cfg.data.source!r} is not an embedded source")
 
 
-__all__ = ["ASSET", "load_subset", "wnid", "build_spec", "write_images", "moving_object_clip", "write_video_set", "ensure_source"]
+__all__ = ["ASSET", "load_subset", "wnid", "build_spec", "write_images", "moving_object_clip", "write_video_set",
+           "ensure_source"]
