@@ -76,7 +76,7 @@ def test_pipeline_reshards_after_new_raw_data_and_skips_otherwise(tmp_path, monk
     first = ul(return_state=True)
     assert first.is_completed(), first.message
     assert first.result()["stages"]["shard"]["run"]["shards_built"] == 3  # train 2 + val 1
-    assert _calls(project) == ["reference", "stage1", "encode", "stage2", "evaluate"]
+    assert _calls(project) == ["reference", "stage1", "encode", "stage2", "evaluate", "promote"]
     shards = project / "data/shards/train"
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.iterdir()}
 
@@ -89,8 +89,8 @@ def test_pipeline_reshards_after_new_raw_data_and_skips_otherwise(tmp_path, monk
     assert grown["stages"]["raw_manifest"]["changed"] is True
     run = grown["stages"]["shard"]["run"]
     assert run["shards_built"] == 1 and run["shards_skipped"] == 3 and run["shards_removed"] == 0
-    assert _calls(project) == ["reference", "stage1", "encode", "evaluate"]  # what reads data/shards (the stand-in
-    # encode wrote the same latents, so stage2 stays up to date)
+    assert _calls(project) == ["reference", "stage1", "encode", "evaluate"]  # what reads data/shards (the stand-ins
+    # wrote the same latents and metrics, so stage2 and promote stay up to date)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.iterdir() if p.name in kept} == kept
     assert sorted(p.name for p in shards.iterdir() if p.name not in kept) == ["train-000002.stats.json",
                                                                               "train-000002.tar"]
