@@ -55,7 +55,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
 ENV
   echo "Prefect UI/API : http://127.0.0.1:$PREFECT_PORT   (pool $POOL, worker log $STACK_DIR/prefect-worker.log)"
   echo "MLflow UI      : http://127.0.0.1:$MLFLOW_PORT   (backend sqlite:///$STORE/mlflow.db)"
-  echo "deployments    : ul/full-pipeline, ul/scheduled-retrain (schedule inactive)"
+  echo "deployments    : ul/full-pipeline, ul-retrain/scheduled-retrain (schedule inactive)"
   echo "run it         : source $STACK_DIR/env && prefect deployment run ul/full-pipeline --watch"
   echo "stop           : bash infra/stack.sh down"
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import flowkit  # noqa: F401  (sets the hermetic environment before anything imports Prefect)
@@ -14,3 +16,26 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture()
+def local_ray():
+    """The shard stage starts a local Ray in this process: stop it afterwards."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def stand_ins_after_shard(monkeypatch, local_ray):
+    """Real raw_manifest and shard stages; the stages after them are the counting stand-ins (_fake_stages.py)."""
+    import _fake_stages
+
+    from ulcore import stages
+
+    for stage in stages.STAGES[2:]:
+        monkeypatch.setitem(stages.BY_NAME, stage.name,
+                            dataclasses.replace(stage, run=getattr(_fake_stages, "run_" + stage.name)))
+    monkeypatch.delenv("UL_FAKE_FAIL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -93,3 +93,33 @@ def copy_project(dst: Path, params_yaml: str) -> Path:
     sh(["git", "add", "-A"], dst, env)
     sh(["git", "commit", "-q", "-m", "project copy"], dst, env)
     return dst
+
+
+# A small raw ImageNet tree (tests of new raw data reaching the pipeline): one class of 4 training images, 1 val.
+RAW_CLASS = "train/n00000001"
+
+
+def raw_image(path: Path, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95)
+
+
+def raw_tree(raw: Path) -> None:
+    (raw / RAW_CLASS).mkdir(parents=True)
+    (raw / "LOC_synset_mapping.txt").write_text("n00000001 first\n")
+    for i in range(4):
+        raw_image(raw / RAW_CLASS / f"a{i}.JPEG", i)
+    (raw / "val").mkdir()
+    raw_image(raw / "val" / "v0.JPEG", 9)
+    (raw / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nv0,n00000001 1 2 3 4\n")
+
+
+def stage_calls(project: Path) -> list[str]:
+    """The stages the counting stand-ins (_fake_stages.py) ran since the last call, in order."""
+    path = project / "calls.txt"
+    calls = path.read_text().split() if path.exists() else []
+    path.unlink(missing_ok=True)
+    return calls

@@ -4,93 +4,43 @@ s3:// root, where DVC recording is off, the shard flow does the same by the shar
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from flowkit import copy_project, env_for, sh, smoke_params_yaml
+from flowkit import RAW_CLASS as A
+from flowkit import copy_project, env_for, raw_image, raw_tree, sh, smoke_params_yaml, stage_calls
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-A = "train/n00000001"
-
-
-def _image(path, seed: int) -> None:
-    pixels = np.random.default_rng(seed).integers(0, 256, (16, 20, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format="JPEG", quality=95)
-
-
-def _raw_tree(raw) -> None:
-    (raw / A).mkdir(parents=True)
-    (raw / "LOC_synset_mapping.txt").write_text("n00000001 first\n")
-    for i in range(4):
-        _image(raw / A / f"a{i}.JPEG", i)
-    (raw / "val").mkdir()
-    _image(raw / "val" / "v0.JPEG", 9)
-    (raw / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nv0,n00000001 1 2 3 4\n")
-
-
-@pytest.fixture()
-def local_ray():
-    """The shard stage starts a local Ray in this process: stop it afterwards."""
-    import ray
-
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture()
-def stand_ins_after_shard(monkeypatch, local_ray):
-    """Real raw_manifest and shard; the stages after them are the counting stand-ins."""
-    import _fake_stages
-
-    from ulcore import stages
-
-    for stage in stages.STAGES[2:]:
-        monkeypatch.setitem(stages.BY_NAME, stage.name,
-                            dataclasses.replace(stage, run=getattr(_fake_stages, "run_" + stage.name)))
-    monkeypatch.delenv("UL_FAKE_FAIL", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def _calls(project) -> list[str]:
-    path = project / "calls.txt"
-    calls = path.read_text().split() if path.exists() else []
-    path.unlink(missing_ok=True)
-    return calls
-
 
 @pytest.mark.slow  # three pipeline runs through DVC: ~1 min on a busy 2-core machine
 def test_pipeline_reshards_after_new_raw_data_and_skips_otherwise(tmp_path, monkeypatch, stand_ins_after_shard):
     from flows.pipeline import ul
 
     raw = tmp_path / "raw"
-    _raw_tree(raw)
+    raw_tree(raw)
     project = copy_project(tmp_path / "proj", smoke_params_yaml(
         ["data.source=imagenet", f"data.root={raw}", "data.resolution=16", "shard.samples_per_shard=2"]))
     monkeypatch.chdir(project)
     first = ul(return_state=True)
     assert first.is_completed(), first.message
     assert first.result()["stages"]["shard"]["run"]["shards_built"] == 3  # train 2 + val 1
-    assert _calls(project) == ["reference", "stage1", "encode", "stage2", "evaluate", "promote"]
+    assert stage_calls(project) == ["reference", "stage1", "encode", "stage2", "evaluate", "promote"]
     shards = project / "data/shards/train"
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.iterdir()}
 
     same = ul(return_state=True).result()
     assert same["stages"]["raw_manifest"]["changed"] is False
-    assert same["stages"]["shard"] == {"skipped": "up to date in dvc.lock"} and _calls(project) == []
+    assert same["stages"]["shard"] == {"skipped": "up to date in dvc.lock"} and stage_calls(project) == []
 
-    _image(raw / A / "a4.JPEG", 5)
+    raw_image(raw / A / "a4.JPEG", 5)
     grown = ul(return_state=True).result()
     assert grown["stages"]["raw_manifest"]["changed"] is True
     run = grown["stages"]["shard"]["run"]
     assert run["shards_built"] == 1 and run["shards_skipped"] == 3 and run["shards_removed"] == 0
-    assert _calls(project) == ["reference", "stage1", "encode", "evaluate"]  # what reads data/shards (the stand-ins
-    # wrote the same latents and metrics, so stage2 and promote stay up to date)
+    # what reads data/shards (the stand-ins wrote the same latents and metrics, so stage2 and promote stay up to date)
+    assert stage_calls(project) == ["reference", "stage1", "encode", "evaluate"]
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shards.iterdir() if p.name in kept} == kept
     assert sorted(p.name for p in shards.iterdir() if p.name not in kept) == ["train-000002.stats.json",
                                                                               "train-000002.tar"]
@@ -103,7 +53,7 @@ def test_shard_flow_on_s3_reshards_by_the_shards_digests(tmp_path, s3_bucket, lo
     from ulcore import storage
 
     raw = tmp_path / "raw"
-    _raw_tree(raw)
+    raw_tree(raw)
     for path in sorted(p for p in raw.rglob("*") if p.is_file()):
         storage.upload_file(str(path), f"{s3_bucket}/raw/{path.relative_to(raw)}")
     (tmp_path / "params.yaml").write_text(smoke_params_yaml())
@@ -112,7 +62,7 @@ def test_shard_flow_on_s3_reshards_by_the_shards_digests(tmp_path, s3_bucket, lo
     params = str(tmp_path / "params.yaml")
     assert shard(params=params, overrides=overrides)["run"]["shards_built"] == 3
     assert shard(params=params, overrides=overrides)["run"]["shards_built"] == 0
-    _image(raw / A / "a4.JPEG", 5)
+    raw_image(raw / A / "a4.JPEG", 5)
     storage.upload_file(str(raw / A / "a4.JPEG"), f"{s3_bucket}/raw/{A}/a4.JPEG")
     grown = shard(params=params, overrides=overrides)
     assert grown["run"]["shards_built"] == 1 and grown["run"]["shards_skipped"] == 3

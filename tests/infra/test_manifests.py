@@ -239,6 +239,8 @@ def test_prefect_yaml_loads_with_prefects_deployment_model():
         path, function = d["entrypoint"].split(":")
         tree = ast.parse((REPO / path).read_text())
         assert function in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, d["entrypoint"]
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), function)
+        inspect.signature(flow.fn).bind(**d["parameters"])  # every parameter is one the flow takes
         for section in ("build", "pull"):
             for step in d.get(section) or raw.get(section) or []:
                 (name, kwargs), = step.items()
@@ -249,6 +251,18 @@ def test_prefect_yaml_loads_with_prefects_deployment_model():
     local_pool = re.search(r"^POOL=(\S+)$", (INFRA / "stack.sh").read_text(), re.M).group(1)
     assert {d["name"] for d in _deployments(local_pool)} == {"full-pipeline", "scheduled-retrain"}
     assert {d["name"] for d in _deployments("ul-k8s")} == {"full-pipeline-k8s", "scheduled-retrain-k8s"}
+
+
+def test_retrain_deployments_run_one_at_a_time_and_drop_triggers_meanwhile():
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    retrains = [d for d in _prefect_yaml()["deployments"] if d["name"].startswith("scheduled-retrain")]
+    assert len(retrains) == 2
+    for d in retrains:
+        assert d["entrypoint"] == "flows/retrain.py:retrain"
+        limit = ConcurrencyLimitConfig.model_validate(d["concurrency_limit"])
+        assert (limit.limit, limit.collision_strategy.value) == (1, "CANCEL_NEW"), d["name"]
+        assert d["parameters"]["force"] is False and d["parameters"]["infra_retries"] >= 1
 
 
 def test_kubernetes_deployments_pin_image_and_clone_to_the_deploying_commit():
