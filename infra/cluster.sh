@@ -106,9 +106,26 @@ ray_up() {  # the head, then the two worker nodes
   start_node worker2 2 3 --address="127.0.0.1:$RAY_PORT" --num-cpus="$RAY_WORKER_CPUS"
 }
 
+node_strays() {  # pids of processes working in a node's folder: Ray job drivers run in sessions of their own, so
+  # stopping a node's process group leaves them (a "lost" cluster whose drivers go on writing checkpoints)
+  local proc
+  for proc in /proc/[0-9]*; do
+    case "$(readlink "$proc/cwd" 2>/dev/null)" in
+      "$CLUSTER_DIR"/head/*|"$CLUSTER_DIR"/worker1/*|"$CLUSTER_DIR"/worker2/*) echo "${proc#/proc/}" ;;
+    esac
+  done
+}
+
 ray_down() {
-  local name
+  local name pids
   for name in ray-worker2 ray-worker1 ray-head; do stop "$name" TERM; done
+  pids=$(node_strays)
+  [ -z "$pids" ] && return 0
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 20); do [ -z "$(node_strays)" ] && return 0; sleep 0.5; done
+  pids=$(node_strays)
+  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  return 0
 }
 
 restart_ray() {  # a new Ray cluster (new session, nothing of the old one's state) on the same S3 and MLflow server

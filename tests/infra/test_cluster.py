@@ -395,6 +395,7 @@ def test_stage1_survives_losing_the_node_its_worker_runs_on(cluster, monkeypatch
     assert storage.read_json("s3://ul-test/kill/metrics/stage1.json")["samples"] >= 1024
 
 
+@pytest.mark.timeout(900)  # stage 1 twice (interrupted, then resumed) and a restart of every Ray node
 def test_stage1_resubmitted_after_the_whole_ray_cluster_went_away_continues_from_s3(cluster, monkeypatch):
     """Every Ray node replaced mid Stage 1 (new head, new session): the interrupted submission fails, and the same
     command submitted again to the new cluster continues from the checkpoint on S3."""
@@ -408,6 +409,8 @@ def test_stage1_resubmitted_after_the_whole_ray_cluster_went_away_continues_from
     assert restart.returncode == 0, restart.stderr[-3000:]
     thread.join(timeout=300)
     assert not thread.is_alive() and "error" in result, "\n".join(lines[-40:])
+    assert not [p for p in psutil.process_iter(["cwd"]) if str(folder / "head") in (p.info["cwd"] or "")
+                and "_ray_pkg_" in (p.info["cwd"] or "")], "a job driver of the old cluster is still running"
     assert len(live_nodes(f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}")) == 3
 
     again: list[str] = []
