@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/python -m flows.demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -3,7 +3,9 @@
 `prefect deployment run ul/full-pipeline` completes; MLflow holds the runs and registered models; `dvc status`
 is clean but for raw_manifest (always changed: it lists the raw data); `dvc repro` then only relists the raw data;
 `dvc exp run -S` reruns only the stage it touches; `dvc push`/`pull`
-round-trip through a moto S3 server; a deployment run with bad params fails naming the key."""
+round-trip through a moto S3 server; a deployment run with bad params fails naming the key; the scheduled retrain
+deployment fires by itself, retrains on new data, drops the triggers that arrive meanwhile and lets the gate keep
+the champion."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     project = copy_project(tmp / "proj", smoke_params_yaml())
     ports = {"PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port())}
-    env = env_for(tmp, STACK_DIR=str(tmp / "stack"), PREFECT_HOME=str(tmp / "prefect-home"), BIN=str(BIN), **ports)
+    env = env_for(tmp, STACK_DIR=str(tmp / "stack"), PREFECT_HOME=str(tmp / "prefect-home"), BIN=str(BIN), **ports,
+                  PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5")  # schedules take effect within seconds
     try:
         sh(["bash", "infra/stack.sh", "up"], project, env, timeout=240)
         env.update(PREFECT_API_URL=f"http://127.0.0.1:{ports['PREFECT_PORT']}/api",
@@ -131,3 +134,80 @@ def test_deployment_with_bad_params_fails_naming_the_key(stack):
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1)
     logs = sh([str(BIN / "prefect"), "flow-run", "logs", run_id], project, env, check=False)
     assert "stage1.lr" in logs.stdout + logs.stderr
+
+
+RETRAIN_RUNS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+
+async def main():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["ul-retrain"])))
+        out = []
+        for run in runs:
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            out.append({"state": run.state_type.value if run.state_type else None,
+                        "message": run.state.message if run.state else "",
+                        "logs": "\\n".join(log.message for log in logs)})
+        print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def _retrain_runs(project: Path, env: dict) -> list[dict]:
+    import sys
+
+    return json.loads(sh([sys.executable, "-c", RETRAIN_RUNS], project, env, timeout=120).stdout)
+
+
+def test_scheduled_retrain_fires_by_itself_drops_overlaps_and_gates_promotion(stack):
+    """An interval schedule of 15 s on ul-retrain/scheduled-retrain: the first run finds new raw data (a larger
+    embedded set, whose manifest is its build) and retrains; the triggers that fall due meanwhile are cancelled by
+    the deployment's concurrency limit, not queued; the first trigger after it finds nothing new and ends at once.
+    The gate asks this candidate for 50 % lower gFID, which it does not reach: the champion stays, and
+    metrics/promotion.json and MLflow say why."""
+    import mlflow
+
+    project, env = stack
+    _dvc(project, env, "remote", "remove", "s3remote")  # the worker has no credentials for the test's S3 remote
+    (project / "params.yaml").write_text(smoke_params_yaml(["data.embedded_train_per_class=20",
+                                                            "promote.min_improvement=0.5"]))
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    champion = {n: client.get_model_version_by_alias(f"ul-{n}", "champion").version
+                for n in ("encoder", "decoder", "prior", "base")}
+    prefect = str(BIN / "prefect")
+    sh([prefect, "deployment", "schedule", "create", "ul-retrain/scheduled-retrain", "--interval", "15",
+        "--replace", "-y"], project, env)
+    deadline, runs = time.monotonic() + 1200, []
+    try:
+        while time.monotonic() < deadline:
+            runs = _retrain_runs(project, env)
+            done = [r for r in runs if r["state"] == "COMPLETED"]
+            if any(r["state"] in ("FAILED", "CRASHED") for r in runs) or (
+                    any("retraining (new raw data)" in r["logs"] for r in done)
+                    and any("nothing to do" in r["logs"] for r in done)):
+                break
+            time.sleep(10)
+    finally:
+        sh([prefect, "deployment", "schedule", "clear", "ul-retrain/scheduled-retrain", "-y"], project, env,
+           check=False)
+    summary = [(r["state"], r["message"], r["logs"][-300:]) for r in runs]
+    assert not [r for r in runs if r["state"] in ("FAILED", "CRASHED")], summary
+    done = [r for r in runs if r["state"] == "COMPLETED"]
+    retrained = [r for r in done if "retraining (new raw data)" in r["logs"]]
+    assert len(retrained) == 1, summary
+    assert any("nothing to do: raw data unchanged" in r["logs"] for r in done), summary
+    assert [r for r in runs if r["state"] == "CANCELLED"], f"no trigger was dropped while the retrain ran: {summary}"
+
+    promotion = json.loads((project / "metrics/promotion.json").read_text())
+    assert promotion["promoted"] is False and "gfid" in promotion["reason"], promotion
+    assert set(promotion["candidate"]) >= {"gfid", "psnr"} and set(promotion["champion"]) >= {"gfid", "psnr"}
+    assert {n: client.get_model_version_by_alias(f"ul-{n}", "champion").version for n in champion} == champion
+    rejected = client.search_runs([client.get_experiment_by_name("unified-latents").experiment_id],
+                                  "tags.stage = 'promote'")
+    assert any(r.info.run_name.startswith("promotion: rejected") for r in rejected)
+    shards = json.loads((project / "data/shards/summary.json").read_text())
+    assert json.loads((project / "data/raw_manifest.json").read_text())["digest"] == \
+        shards["raw_manifest"]["digest"], "the shards were rebuilt from the new raw data"
