@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ulcore import layout, storage
 from ulcore.config import Config, add_config_args, config_or_exit
 
 
@@ -27,18 +28,9 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
-    """metrics/*.json under storage.root, flattened to `key -> scalar`."""
-    root = cfg.storage.root
-    found: dict[str, dict[str, Any]] = {}
-    if root.startswith("s3://"):
-        from ulcore import layout, storage
-
-        for uri in storage.list_uris(layout.metrics(root), suffix=".json"):
-            found[uri.rsplit("/", 1)[-1]] = _flatten(json.loads(storage.read_text(uri)))
-        return found
-    for path in sorted(Path(layout.metrics(root)).glob("*.json")):
-        found[path.name] = _flatten(json.loads(path.read_text()))
-    return found
+    """metrics/*.json under storage.root (a folder or s3://), flattened to `key -> scalar`."""
+    return {uri.rsplit("/", 1)[-1]: _flatten(json.loads(storage.read_text(uri)))
+            for uri in storage.list_uris(layout.metrics(cfg.storage.root), suffix=".json")}
 
 
 def metric_table(metrics: dict[str, dict[str, Any]]) -> str:
