@@ -1,14 +1,36 @@
-"""Shared fixtures: a real S3-compatible HTTP endpoint (moto server) on 127.0.0.1 for the whole session."""
+"""Shared fixtures: a real S3-compatible HTTP endpoint (moto server) on 127.0.0.1 for the whole session, and each
+test's MLflow and Prefect lineage variables as the session had them."""
 
 from __future__ import annotations
 
 import os
 import socket
 import uuid
+import warnings
 
 import pytest
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+# Where runs are logged and whose children they are: a stage run exports these while it is open, and a later test
+# (or the subprocess it starts) that found one left over would log to another test's store.
+LINEAGE_ENV = ("MLFLOW_TRACKING_URI", "UL_PARENT_RUN_ID", "UL_PREFECT_FLOW_RUN_ID", "UL_PREFECT_ROOT_FLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def lineage_env_as_it_was(request):
+    """Restore the lineage variables after each test, and name a test that left one changed."""
+    before = {key: os.environ.get(key) for key in LINEAGE_ENV}
+    yield
+    changed = {key: os.environ.get(key) for key in LINEAGE_ENV if os.environ.get(key) != before[key]}
+    for key in changed:
+        if before[key] is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before[key]
+    if changed:
+        warnings.warn(f"{request.node.nodeid} left {changed} in the environment (restored)", stacklevel=1)
 
 
 def free_port() -> int:

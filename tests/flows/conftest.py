@@ -20,9 +20,11 @@ def prefect_harness():
 
 @pytest.fixture()
 def local_ray():
-    """The shard stage starts a local Ray in this process: stop it afterwards."""
+    """The shard stage starts a local Ray in this process: a fresh one, whose workers start in this test's working
+    directory (storage.root=. is relative to it) with this test's environment, stopped afterwards."""
     import ray
 
+    ray.shutdown()
     yield
     ray.shutdown()
 
