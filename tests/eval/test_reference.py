@@ -49,6 +49,19 @@ def test_computes_both_references_once_and_they_are_the_images_statistics(tmp_pa
     assert more["computed"] == ["rfid_reference"] and more["rfid_reference"]["n"] == 6
 
 
+def test_a_split_smaller_than_n_is_read_once_and_cached_with_what_it_holds(tmp_path, gray_images):
+    """eval.reference_samples = 200 on an 8-image split: the statistics of all 8, cached under the key of 200, so
+    the evaluations after the reference stage do not read the split again."""
+    from ulcore.eval.reference import run_reference
+
+    cfg = _cfg(tmp_path, "eval.reference_samples=200")
+    write_image_shards(cfg, gray_images)
+    first = run_reference(cfg)
+    assert "gfid_reference" in first["computed"] and first["gfid_reference"]["n"] == 8
+    again = run_reference(cfg)
+    assert again["computed"] == [] and again["gfid_reference"]["file_sha256"] == first["gfid_reference"]["file_sha256"]
+
+
 def _key(cfg, split, n, extractor, uris):
     from ulcore.eval.fid import data_fingerprint
 

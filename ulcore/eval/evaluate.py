@@ -192,7 +192,7 @@ def measure(cfg: Config, where: Locations) -> Measured:
     t0 = time.perf_counter()
     rec = reconstruction_phase(cfg, models, protocol, nets, shards[eval_split], real_stats=val_ref.needed)
     if val_ref.needed:  # the held-out images were read anyway: their statistics are the rFID reference
-        val_ref.store(rec.real, rec.num_images)
+        val_ref.store(rec.real)
     timings["reconstruction_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -202,9 +202,9 @@ def measure(cfg: Config, where: Locations) -> Measured:
     ref = reference_phase(protocol, nets, shards[train_split], fid_stats=train_ref.needed,
                           floor_stats=floor_ref.needed and floor_ref is not train_ref)
     if train_ref.needed:
-        train_ref.store(ref.fid, ref.fid_images)
+        train_ref.store(ref.fid)
     if floor_ref.needed:
-        floor_ref.store(ref.floor, ref.floor_images)
+        floor_ref.store(ref.floor)
     floor, _ = fid_floor(floor_ref, val_ref)
     timings["reference_s"] = time.perf_counter() - t0
 

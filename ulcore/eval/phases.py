@@ -68,9 +68,7 @@ class Reconstruction:
 @dataclass
 class ReferencePass:
     fid: FeatureStats | None  # the gFID reference (only when asked: not cached)
-    fid_images: int
     floor: FeatureStats | None  # the first N training images, the FID floor's training side (only when asked)
-    floor_images: int
     i3d: FeatureStats | None  # the first N training clips (unconditional FVD)
 
 
@@ -178,21 +176,15 @@ def reference_phase(protocol: EvalProtocol, nets: FeatureNets, train: list[str],
     n_floor = p.num_samples if floor_stats else 0
     n_fvd = p.num_samples if nets.i3d is not None and not p.context_frames else 0
     fid, floor, i3d = RunningStats(), RunningStats(), RunningStats()
-    n_train = n_floor_seen = 0
     if n_fid or n_floor or n_fvd:
         for start, batch in take(_batches(train, p), max(n_fid, n_floor, n_fvd)):
             if start < n_fid:
-                x_ref = batch["x"][:n_fid - start]
-                fid.add(nets.fid(frames(x_ref)))
-                n_train += x_ref.shape[0]
+                fid.add(nets.fid(frames(batch["x"][:n_fid - start])))
             if start < n_floor:
-                x_floor = batch["x"][:n_floor - start]
-                floor.add(nets.fid(frames(x_floor)))
-                n_floor_seen += x_floor.shape[0]
+                floor.add(nets.fid(frames(batch["x"][:n_floor - start])))
             if start < n_fvd:
                 i3d.add(nets.i3d(batch["x"][:n_fvd - start]))
-    return ReferencePass(fid=_stats(fid, fid_stats), fid_images=n_train, floor=_stats(floor, floor_stats),
-                         floor_images=n_floor_seen, i3d=_stats(i3d, bool(n_fvd)))
+    return ReferencePass(fid=_stats(fid, fid_stats), floor=_stats(floor, floor_stats), i3d=_stats(i3d, bool(n_fvd)))
 
 
 def generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) -> Generation:

@@ -84,19 +84,17 @@ class Reference:
         """Compute the statistics from the split's first N images (all of them for N = 0) and store them."""
         from ulcore.data.loaders import eval_batches
 
-        running, seen = RunningStats(), 0
+        running = RunningStats()
         for _, batch in take(eval_batches(self.uris, batch_size=batch_size, kind="images"), self.n or sys.maxsize):
             running.add(extractor(frames(batch["x"])))
-            seen += batch["x"].shape[0]
-        self.store(running.stats(), seen)
+        self.store(running.stats())
 
-    def store(self, stats: FeatureStats, n_seen: int) -> None:
-        """Keep statistics of the split's first `n_seen` images; cached when they are the N the key names."""
+    def store(self, stats: FeatureStats) -> None:
+        """Keep and cache statistics of the split's first N images. A split holding fewer gives all it has: for the
+        shards the key's fingerprint names, that is what "the first N" always is, so it is cached under N as well
+        (the info's `n` says how many) and the next evaluation does not read the split again."""
         self.stats = stats
-        if n_seen == self.n or self.n == 0:  # 0: the whole split, however many it holds
-            self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
-        else:  # fewer images than asked for: do not cache under a key that claims N
-            self.info = {"key_hash": self.key_hash, "cached": False, "n": self.stats.n, "file_sha256": None}
+        self.info = store_reference_stats(self.root, self.key_hash, self.key, self.stats)
 
 
 def fid_floor(train: Reference, held_out: Reference) -> tuple[float, bool]:
