@@ -42,6 +42,7 @@ SMOKE = [
     "stage2.eval_batch=16", "stage2.eval_steps=4",
     "encode.batch_size=64",
     "eval.num_samples=32", "eval.batch_size=16", "eval.base_steps=4", "eval.decoder_steps=4", "eval.grid_size=16",
+    "eval.reference_samples=32",
     "ray.num_cpus=2",
 ]
 

@@ -15,5 +15,6 @@ TRAIN = [
     "stage2.batch_size=16", "stage2.total_samples=64", "stage2.warmup_samples=16", "stage2.log_every_samples=16",
     "stage2.ckpt_every_samples=32", "stage2.eval_batch=8", "stage2.eval_steps=2", "encode.batch_size=32",
     "eval.num_samples=16", "eval.batch_size=16", "eval.base_steps=2", "eval.decoder_steps=2", "eval.grid_size=16",
+    "eval.reference_samples=32",
 ]
 SMOKE = DATA + NETS + TRAIN
