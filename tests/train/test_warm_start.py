@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tests.train.smoke import SMOKE
 from ulcore import tracking
 from ulcore.config import ConfigError, load_config
+from ulcore.errors import LineageError
 from ulcore.models import export_modules
 from ulcore.nets import build_base_model, build_decoder, build_encoder, build_prior
 from ulcore.promotion import Lineage, model_name, move_champion
@@ -109,6 +110,36 @@ def test_a_champion_with_other_nets_is_a_config_error_naming_the_knob_and_the_di
     assert str(err.value) == (f"stage1.init_from = champion: {prior} does not fit this run's prior: it was trained "
                               "with model.prior_width = 64 (this run: 32). Set the model section to the champion's, "
                               "or stage1.init_from = none")
+
+
+def test_the_log_and_the_run_say_what_training_starts_from(registry, capsys):
+    cfg, lineage = registry["cfg"], registry["lineage"]
+    base = warm_start.resolve(cfg, "stage2")
+    with tracking.stage_run(cfg, "stage2") as run_id:
+        warm_start.announce(cfg, "stage2", base, run_id, latents_of=lineage.stage1_run_id)
+        same = capsys.readouterr().out
+        warm_start.announce(cfg, "stage2", base, run_id, latents_of="a-later-stage1-run")
+        other = capsys.readouterr().out
+    version = f"{model_name(cfg, 'base')} v{lineage.versions['base']}"
+    assert f"[stage2] warm start (stage2.init_from = champion): {version} (the champion: lineage" in same
+    assert "note:" not in same
+    assert (f"note: the champion's base model was trained on the latents of stage-1 run {lineage.stage1_run_id}, "
+            "these come from stage-1 run a-later-stage1-run") in other
+    tags = tracking.client(tracking.tracking_uri(cfg)).get_run(run_id).data.tags
+    assert tags["warm_start.base"] == version and tags["warm_start.stage1_run_id"] == lineage.stage1_run_id
+
+
+def test_a_champion_of_two_lineages_is_refused_naming_the_knob(registry):
+    cfg = _config(registry["tmp"] / "mixed", registry["tmp"], f"w{uuid.uuid4().hex[:8]}", *WARM)
+    first = _register_champion(cfg, _nets(cfg, seed=1), registry["tmp"] / "first")
+    second = _register_champion(cfg, _nets(cfg, seed=2), registry["tmp"] / "second")
+    c = tracking.client(tracking.tracking_uri(cfg))
+    c.set_registered_model_alias(model_name(cfg, "encoder"), "champion", first.versions["encoder"])  # by hand
+    with pytest.raises(LineageError) as err:
+        warm_start.resolve(cfg, "stage1")
+    assert str(err.value).startswith("stage1.init_from = champion: the champion's versions are not one lineage "
+                                     f"(mixed lineage: encoder v{first.versions['encoder']} comes from stage-1 run "
+                                     f"{first.stage1_run_id}, decoder v{second.versions['decoder']}")
 
 
 def test_no_champion_yet_is_a_cold_start_said_on_the_log_and_the_run(registry, capsys):
