@@ -17,7 +17,7 @@ initialisation (`stage1.init_from` / `stage2.init_from` = champion; default none
 - Where it fits (UL §3.3): the base model is trained on the latents of a frozen stage-1 encoder, so its weights are
   fitted to that encoder's latent space. A stage-2 warm start matches when the latents come from the champion's own
   stage-1 run; after a warm-started stage 1 they start there and drift; after a cold one they are unrelated. The log
-  says when the latents are not the champion's (`note`).
+  says when the latents are not the champion's (`announce`).
 """
 
 from __future__ import annotations
