@@ -5,6 +5,8 @@ Each trigger (the schedule, or `prefect deployment run ul-retrain/scheduled-retr
 (`metrics/retrain.json`). Unchanged and not forced: the run ends at once and says so. Otherwise it runs the whole
 pipeline as a subflow (flow `ul`: raw_manifest -> shard -> ... -> evaluate -> promote), in which only the changed
 shards are rebuilt and the promote stage moves `champion` only when the new lineage beats it (ulcore.promotion).
+With `warm_start: true` stage 1 and stage 2 start from the champion's weights instead of a random initialisation
+(`stage1.init_from` / `stage2.init_from` = champion for this run; ulcore/train/warm_start.py).
 
 Failures: every stage is idempotent and resumable, so the pipeline is rerun as a whole, continuing where it
 stopped, for infrastructure failures only (storage unreachable, a lost connection or timeout, a Ray job whose
@@ -31,6 +33,7 @@ from ulcore.data.manifest import fingerprints, raw_manifest
 from ulcore.jobs import JobFailed
 
 MARKER = "retrain"  # under metrics/: the raw digest of the last retrain that finished
+WARM_START = ["stage1.init_from=champion", "stage2.init_from=champion"]  # what `warm_start: true` adds to overrides
 # A Ray job that ended FAILED because its command exited non-zero failed on our code or data; any other FAILED
 # (the job's driver or its node lost, the runtime environment not set up) is the cluster's.
 COMMAND_FAILED = "Job entrypoint command failed"
@@ -86,11 +89,12 @@ def record_finished(cfg: Config, digest: str) -> None:
 
 @flow(name="ul-retrain", log_prints=True, validate_parameters=True, on_cancellation=[stop_jobs_on_cancel])
 def retrain(params: str = "params.yaml", overrides: list[str] = [], force: bool = False,  # noqa: B006
-            infra_retries: int = 2, retry_delay_s: float = 60.0) -> dict[str, Any]:
+            infra_retries: int = 2, retry_delay_s: float = 60.0, warm_start: bool = False) -> dict[str, Any]:
     """Retrain on new raw data (or when forced): the whole pipeline, then promotion by evaluation."""
     logger = get_run_logger()
     if infra_retries < 0 or retry_delay_s < 0:
         raise ValueError(f"infra_retries={infra_retries}, retry_delay_s={retry_delay_s}: expected both >= 0")
+    overrides = [*overrides, *(WARM_START if warm_start else [])]
     cfg = load(params, overrides)
     changed, why, digest = new_raw_data(cfg)
     if not (changed or force):
@@ -99,7 +103,7 @@ def retrain(params: str = "params.yaml", overrides: list[str] = [], force: bool 
     logger.info("retraining (%s): %s", "forced" if force and not changed else "new raw data", why)
     for attempt in range(infra_retries + 1):
         try:
-            result = ul(params=params, overrides=list(overrides))
+            result = ul(params=params, overrides=overrides)
             break
         except Exception as exc:
             if attempt == infra_retries or not infrastructure_failure(exc):

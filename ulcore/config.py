@@ -120,6 +120,8 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5  # consecutive NaN/Inf steps tolerated (skipped) before stopping
     activation_checkpointing: bool = False  # recompute transformer/residual blocks in backward: less memory, ~1/3 more FLOPs
+    init_from: str = "none"  # none | champion: a run that starts from scratch (no checkpoint) takes the registry's
+    # champion weights (one lineage) instead of a random init; ulcore/train/warm_start.py, README "Scheduled retraining"
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,8 @@ _CHOICES = {
     ("stage1", "grad_clip_mode"): ("absolute", "relative"),
     ("stage2", "grad_clip_mode"): ("absolute", "relative"),
     ("stage2", "precision"): ("auto", "bf16", "fp32"),
+    ("stage1", "init_from"): ("none", "champion"),
+    ("stage2", "init_from"): ("none", "champion"),
 }
 
 

@@ -1,7 +1,7 @@
 """The retrain flow (deployment `ul-retrain/scheduled-retrain`): the real `ul` flow with the real raw_manifest and
 shard stages and counting stand-ins after them, on a raw tree that grows. It runs when the raw data changed or
 when forced, skips otherwise, reruns the pipeline after an infrastructure failure only, and records the raw digest
-of a finished retrain."""
+of a finished retrain; `warm_start` turns on the warm start of both training stages for its run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,20 @@ from flowkit import RAW_CLASS as A
 from flowkit import copy_project, raw_image, raw_tree, smoke_params_yaml, stage_calls
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _init_from(project) -> dict[str, list[str]]:
+    """`<stage>.init_from` of each training stage's MLflow runs, oldest first (the stand-ins log the params too)."""
+    from ulcore import tracking
+    from ulcore.config import load_config
+
+    cfg = load_config(project / "params.yaml", [])
+    c = tracking.client(tracking.tracking_uri(cfg))
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    oldest_first = ["attributes.start_time ASC"]
+    return {stage: [r.data.params[f"{stage}.init_from"] for r in
+                    c.search_runs([exp.experiment_id], f"tags.stage = '{stage}'", order_by=oldest_first)]
+            for stage in ("stage1", "stage2")}
 
 
 def test_which_failures_a_rerun_can_fix():
@@ -62,10 +76,11 @@ def test_retrain_runs_on_new_raw_data_or_when_forced_and_retries_only_infrastruc
     assert unchanged["skipped"].startswith("raw data unchanged since the retrain of") and stage_calls(project) == []
 
     raw_image(raw / A / "a4.JPEG", 5)
-    grown = retrain(**quick)
+    grown = retrain(warm_start=True, **quick)
     assert grown["why"].startswith("raw data changed: 1 added, 0 changed, 0 removed")
     assert grown["pipeline"]["stages"]["shard"]["run"]["shards_built"] == 1
     assert storage.read_json(str(marker))["raw_digest"] != digest
+    assert _init_from(project) == {"stage1": ["none", "champion"], "stage2": ["none", "champion"]}
 
     stage2 = stages.BY_NAME["stage2"]
     failures = iter([storage.StorageUnreachable("S3 endpoint http://127.0.0.1:9 unreachable (injected)")])

@@ -2,7 +2,8 @@
 
 models/stage1/{encoder,decoder,prior}.safetensors + config.yaml ; models/stage2/base.safetensors + config.yaml.
 Loading never unpickles: safetensors for weights, YAML for the config. The same files registered in MLflow are a
-pyfunc model of class `ulcore.models.pyfunc.SafetensorsBundle` (its own module: it imports MLflow).
+pyfunc model of class `ulcore.models.pyfunc.SafetensorsBundle` (its own module: it imports MLflow); a registered
+version is read back from those files too (`load_registered`), not through the pickled wrapper.
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def load_stage1(root: str) -> Stage1Bundle:
 def load_encoder(root: str) -> nn.Module:
     """Only the frozen encoder (the encode pass needs nothing else)."""
     return _load_weights(build_encoder(_load_config(root).model), root, "encoder")
+
+
+def load_registered(local: Path, what: str) -> tuple[dict[str, torch.Tensor], Config]:
+    """The weights and resolved config of a registered version downloaded to `local` (its MLmodel folder; `what`
+    names it in errors), from the files its MLmodel lists: the training stages register artefact `weights`, a
+    .safetensors file, and `config`, YAML."""
+    files = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+    if "weights" not in files or "config" not in files:
+        raise FileNotFoundError(f"{what} has artefacts {sorted(files)}, not the weights and config a training stage "
+                                "registers")
+    state = load_file(str(local / files["weights"]["path"]))
+    return state, config_from_dict(yaml.safe_load((local / files["config"]["path"]).read_text()))
 
 
 def load_stage2(root: str) -> Stage2Bundle:

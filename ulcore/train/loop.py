@@ -32,6 +32,7 @@ from ulcore.runtime import autocast, ensure_ray, requested_address, resolve_prec
 from ulcore.train.checkpoint import META_FILE, Progress, latest_checkpoint, load_state, materialize, save_state
 from ulcore.train.clipping import GradClipper
 from ulcore.train.ema import EMA
+from ulcore.train import warm_start
 
 Batch = dict[str, Any]
 
@@ -59,13 +60,19 @@ def named_terms(terms: Any) -> dict[str, torch.Tensor]:
 # out-of-memory error, or allowing an unreadable shard after CorruptDataError, must resume the run, not start anew.
 EXECUTION_ONLY_KEYS = ("activation_checkpointing", "max_bad_shards", "max_bad_samples")
 DATA_ERROR_KEYS = ("bad_shards", "bad_samples")  # what the readers skipped (loaders.ReadErrors), summed over ranks
+# `init_from` counts as what it resolved to (the champion versions, or nothing for a cold start), not as written
+INIT_KEYS = ("init_from",)
 
 
-def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str) -> str:
-    """Identity of a training run: the sections it depends on plus a digest of its input data."""
-    relevant = {s: {k: v for k, v in cfg.to_dict()[s].items() if k not in EXECUTION_ONLY_KEYS}
+def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str, warm: warm_start.WarmStart | None = None) -> str:
+    """Identity of a training run: the sections it depends on, a digest of its input data and, when warm-started,
+    the champion versions it starts from (a cold run's identity does not mention them)."""
+    relevant = {s: {k: v for k, v in cfg.to_dict()[s].items() if k not in EXECUTION_ONLY_KEYS + INIT_KEYS}
                 for s in spec.sections}
-    return layout.digest({"params": relevant, "inputs": inputs_digest})
+    doc = {"params": relevant, "inputs": inputs_digest}
+    if warm is not None:
+        doc["warm_start"] = warm.identity()
+    return layout.digest(doc)
 
 
 def lr_at(samples: int, t: TrainConfig) -> float:
@@ -132,14 +139,19 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(t.precision, device)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     objective = spec.build(cfg).to(device)
-    ema = EMA(objective, t.ema_halflife_samples)
+    resume_uri = loop_config.get("resume_from")  # the driver's pick, checked intact (not Ray's newest, unchecked)
+    warm: warm_start.WarmStart | None = loop_config.get("warm_start")
+    if warm is not None and not resume_uri:  # a checkpoint of this run wins: it was warm-started already
+        warm_start.initialise(objective, warm, cfg, loop_config["tracking_uri"])
+        if rank == 0:
+            print(f"[{spec.name}] initialised from {warm.describe()}", flush=True)
+    ema = EMA(objective, t.ema_halflife_samples)  # made from the initialised nets: equal to them
     optimizer = torch.optim.AdamW(objective.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step * t.batch_size, t))
     clipper = GradClipper(t.grad_clip_mode, t.grad_clip)
     progress = Progress(samples=0, step=0)
 
     # Resume from the checkpoint the driver picked.
-    resume_uri = loop_config.get("resume_from")  # the driver's pick, checked intact (not Ray's newest, unchecked)
     if resume_uri:
         with tempfile.TemporaryDirectory() as tmp:
             state = load_state(materialize(resume_uri, Path(tmp)))
@@ -249,8 +261,10 @@ class FitResult:
     metrics: dict[str, Any]  # the last metrics the workers reported ({} when the run was already complete)
 
 
-def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> FitResult:
-    """Driver side: start (or join) Ray, run the TorchTrainer, return a local copy of the final state."""
+def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None,
+        warm: warm_start.WarmStart | None = None) -> FitResult:
+    """Driver side: start (or join) Ray, run the TorchTrainer, return a local copy of the final state. `warm`: the
+    champion versions a run without a checkpoint starts from (the workers load them from the registry)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -276,7 +290,7 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None) -> Fit
             # a local run's process group listens on loopback only; on a cluster, on rank 0's Ray node IP
             torch_config=BoundTorchConfig(bind_address="" if requested_address(cfg.ray)[0] else "127.0.0.1"),
             train_loop_config={"config": cfg.to_dict(), "spec": spec, "digest": digest,
-                               "resume_from": resume_from, "mlflow_run_id": run_id,
+                               "resume_from": resume_from, "warm_start": warm, "mlflow_run_id": run_id,
                                "tracking_uri": tracking.tracking_uri(cfg), "driver_cwd": str(Path.cwd())},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -321,9 +335,11 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
     """Shared driver of stage 1 and stage 2: skip when up to date, else train, export the EMA nets, write
     metrics/<stage>.json, and register the models in MLflow under tracking.candidate_alias (the promote stage
     alone moves tracking.champion_alias). Each version is tagged with its lineage, the stage-1 run its nets come
-    from: `stage1_run(cfg)` (stage 2: the run whose encoder made the latents), else this run."""
+    from: `stage1_run(cfg)` (stage 2: the run whose encoder made the latents), else this run. With
+    `<stage>.init_from = champion` a run without a checkpoint starts from the champion's weights (warm_start)."""
     check_model_matches_data(cfg)
-    digest = run_digest(cfg, spec, inputs)
+    warm = warm_start.resolve(cfg, spec.name)
+    digest = run_digest(cfg, spec, inputs, warm)
     out = layout.model_dir(cfg.storage.root, spec.name)
     metrics_uri = layout.metrics(cfg.storage.root, spec.name)
     done_uri = layout.done_marker(cfg.storage.root, spec.name)
@@ -332,8 +348,9 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         return {"skipped": True, "models": out, "metrics": storage.read_json(metrics_uri)}
     with tracking.stage_run(cfg, spec.name) as run_id:
         lineage = stage1_run(cfg) if stage1_run else run_id  # before training: a mixed lineage fails at once
+        warm_start.announce(cfg, spec.name, warm, run_id, lineage if stage1_run else None)
         started = time.perf_counter()
-        fitted = fit(cfg, spec, digest=digest, run_id=run_id)
+        fitted = fit(cfg, spec, digest=digest, run_id=run_id, warm=warm)
         state = load_state(fitted.state_dir)
         ema = spec.build(cfg)
         ema.load_state_dict(state["ema"])
@@ -350,12 +367,14 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         files = export_modules(export(cfg, ema), cfg, out)
         versions = {name: tracking.register_model(run_id, f"{cfg.tracking.model_prefix}-{name}",
                                                   {"weights": path}, cfg.tracking.candidate_alias, cfg.to_yaml(),
-                                                  tags={tracking.STAGE1_RUN_TAG: lineage})
+                                                  tags={tracking.STAGE1_RUN_TAG: lineage,
+                                                        **(warm.tags() if warm else {})})
                     for name, path in files.items()}
         metrics_doc = {**metrics, "digest": digest, "mlflow_run_id": run_id}
         storage.write_json(metrics_uri, metrics_doc)
         storage.write_json(done_uri, {"digest": digest, "mlflow_run_id": run_id, "registered": versions,
-                                      tracking.STAGE1_RUN_TAG: lineage})
+                                      tracking.STAGE1_RUN_TAG: lineage,
+                                      "warm_start": warm.identity() if warm else None})
     table = "\n".join(f"| {k} | {v:.4g} |" for k, v in metrics.items() if isinstance(v, float))
     return {"skipped": False, "models": out, "metrics": metrics_doc, "mlflow_run_id": run_id,
             "markdown": f"## {spec.name}\n\n| metric | value |\n|---|---|\n{table}\n\nModels: `{out}`"}
