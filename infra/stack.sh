@@ -2,7 +2,7 @@
 # Local stack on 127.0.0.1: Prefect server (SQLite) + process worker + MLflow tracking server (SQLite, local
 # artefacts), with the deployments of infra/prefect.yaml registered.
 #   bash infra/stack.sh up      # start everything, print the URLs; then: source .stack/env
-#   bash infra/stack.sh down    # stop everything started by `up` (pids in .stack/)
+#   bash infra/stack.sh down    # stop everything started by `up` (pids in .stack/) and the flow runs it started
 # Settings (environment): PREFECT_PORT (4200), MLFLOW_PORT (5000), STACK_DIR (.stack), UL_STORAGE_ROOT (.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,8 +60,34 @@ ENV
   echo "stop           : bash infra/stack.sh down"
 }
 
+flow_run_pids() {  # flow runs of this stack's worker and what they started (a local Ray and its workers): the
+  # worker starts each in a session of its own, so stopping its group misses them; they carry this stack's API URL
+  # and a flow run id in their environment
+  local proc env
+  for proc in /proc/[0-9]*; do
+    [ "${proc#/proc/}" = "$$" ] && continue
+    env=$(tr '\0' '\n' <"$proc/environ" 2>/dev/null) || continue
+    grep -qx "PREFECT_API_URL=$PREFECT_API_URL" <<<"$env" && grep -q "^PREFECT__FLOW_RUN_ID=" <<<"$env" \
+      && echo "${proc#/proc/}"
+  done
+  return 0
+}
+
+stop_flow_runs() {  # TERM what is still running (a run cut short by a timeout, a cancelled one), KILL after 10 s
+  local pids
+  pids=$(flow_run_pids)
+  [ -n "$pids" ] || return 0
+  echo "stopping flow-run processes still running: $(echo $pids)"
+  # shellcheck disable=SC2086  # a list of pids
+  kill -TERM $pids 2>/dev/null || true
+  for _ in $(seq 1 20); do [ -n "$(flow_run_pids)" ] || return 0; sleep 0.5; done
+  # shellcheck disable=SC2046
+  kill -KILL $(flow_run_pids) 2>/dev/null || true
+}
+
 down() {
   stop prefect-worker INT   # SIGTERM leaves a Prefect worker running; SIGINT stops it
+  stop_flow_runs
   stop mlflow-server TERM
   stop prefect-server TERM
 }

@@ -40,6 +40,22 @@ def stack(tmp_path_factory):
         sh(["bash", "infra/stack.sh", "down"], project, env, timeout=120, check=False)
         pids = list((tmp / "stack").glob("*.pid"))
         assert not pids, f"stack.sh down left {pids}"
+        left = _flow_run_processes(f"http://127.0.0.1:{ports['PREFECT_PORT']}/api")
+        assert not left, f"stack.sh down left flow-run processes running: {left}"
+
+
+def _flow_run_processes(api_url: str) -> list[str]:
+    """Pids of processes a flow run of the stack at `api_url` started (they carry its URL and a flow run id)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT_API_URL={api_url}".encode() in variables and any(
+                v.startswith(b"PREFECT__FLOW_RUN_ID=") for v in variables):
+            found.append(environ.parent.name)
+    return found
 
 
 def _dvc(project: Path, env: dict, *args: str, timeout: float = 600):
