@@ -129,8 +129,8 @@ def study(params: str = "params.yaml", overrides: list[str] = [], quick: bool = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
     add_config_args(parser)
-    parser.add_argument("--quick", action="store_true", help="a short version: stage 1 at a quarter of the length, "
-                        "evaluation on 100 samples with 16 steps (a few minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="a short version: stage 1 and stage 2 at a quarter of "
+                        "the demo's length, evaluation on 100 samples with 16 steps")
     parser.add_argument("--loss-factors", type=float, nargs="+", default=list(plan.LOSS_FACTORS), metavar="C_LF",
                         help=f"the c_lf sweep at λ(0) = 5 (default: {' '.join(map(str, plan.LOSS_FACTORS))})")
     parser.add_argument("--logsnr-0s", type=float, nargs="+", default=list(plan.LOGSNR_0S), metavar="LAMBDA0",

@@ -40,8 +40,8 @@ SHARED_STAGES = ("raw_manifest", "shard", "reference")
 MARKER = "study.json"
 LINKED = (layout.SHARDS, layout.FID_REFS)  # what every setting reads from shared/
 EXECUTION_ONLY = ("tracking", "ray")  # sections that never change a number
-# --quick: a few minutes on 2 CPU cores; stage 1 a quarter of the demo's length (the c_lf ordering settles within
-# a few hundred steps), evaluation on 100 samples with 16 sampling steps
+# --quick: stage 1 and stage 2 at a quarter of the demo's length, evaluation on 100 samples with 16 sampling steps
+# (five settings took 48 min on a 2-core machine busy with other work; README)
 QUICK = (
     "stage1.total_samples=4096", "stage1.warmup_samples=512", "stage1.log_every_samples=1024",
     "stage1.ckpt_every_samples=2048", "stage1.ema_halflife_samples=512",
