@@ -164,6 +164,7 @@ class EvalConfig:
     fvd_context_frames: int = 0  # FVD as frame prediction: real frames given, the rest generated (K600: 5); 0 = uncond.
     fvd_reconstruction_guidance: float = 0.0  # w_r of reconstruction guidance (Ho et al. 2022); 0 = replacement only
     grid_size: int = 64  # images in each sample / reconstruction grid
+    prior_gfid: bool = False  # also gFID of N stage-1 prior samples (gfid_prior; UL §3.3: the base model is better)
 
 
 @dataclass(frozen=True)

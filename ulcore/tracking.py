@@ -233,8 +233,9 @@ def lineage_tags(cfg: Config, stage: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(cfg: Config, stage: str) -> Iterator[str]:
-    """Open an MLflow run for one stage and yield its id; FINISHED on success, FAILED on an exception.
+def stage_run(cfg: Config, stage: str, name: str | None = None) -> Iterator[str]:
+    """Open an MLflow run for one stage and yield its id; FINISHED on success, FAILED on an exception. `name` is
+    what the runs table shows (default: run_name).
 
     The run is a child of `$UL_PARENT_RUN_ID` when set. While it is open, `MLFLOW_TRACKING_URI` is exported so
     processes started meanwhile (a local Ray cluster's workers) log to the same place.
@@ -246,6 +247,8 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str]:
     c = client(uri)
     exp_id = _experiment_id(c, cfg.tracking.experiment, artifact_location(cfg))
     tags = lineage_tags(cfg, stage)
+    if name:
+        tags["mlflow.runName"] = name
     parent = os.environ.get(PARENT_ENV, "")
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -275,9 +278,10 @@ def stage_run(cfg: Config, stage: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def pipeline_run(cfg: Config) -> Iterator[str]:
-    """The parent run of a whole pipeline: stage runs opened inside become its children."""
-    with stage_run(cfg, "pipeline") as run_id:
+def pipeline_run(cfg: Config, stage: str = "pipeline", name: str | None = None) -> Iterator[str]:
+    """The parent run of a whole pipeline (or of a study, or of one of its settings): runs opened inside become its
+    children."""
+    with stage_run(cfg, stage, name) as run_id:
         previous = os.environ.get(PARENT_ENV)
         os.environ[PARENT_ENV] = run_id
         try:

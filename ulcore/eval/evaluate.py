@@ -15,6 +15,8 @@ phases that compute the statistics are in phases.py):
   unconditional clips vs training clips, or with eval.fvd_context_frames = c > 0 the Kinetics-600 frame-prediction
   protocol (UL §5.7): held-out clip i mod N_val's first c real frames + generated rest (replacement conditioning,
   fvd.predicted_clips), FVD on the full clips, context included, vs those held-out clips.
+- gfid_prior (eval.prior_gfid): the gFID protocol with the stage-1 prior in place of the base model (no labels),
+  sample i seeded by sample_seeds(eval.seed + 9, i): UL §3.3 says the base model samples better than the prior.
 - FID floor: FID between the first `num_samples` training images and the rFID reference images - real vs real at
   the N of gFID, the best a generator can score there (reference.fid_floor; cached with the references).
 - num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
@@ -47,14 +49,14 @@ from ulcore.eval.fid import data_fingerprint, fid_from_stats
 from ulcore.eval.fvd import fvd_protocol
 from ulcore.eval.inception import resolve_fid_weights
 from ulcore.eval.phases import (FeatureNets, Generation, Models, Prediction, Reconstruction, ReferencePass,
-                                feature_nets, generation_phase, prediction_phase, reconstruction_phase,
-                                reference_phase)
+                                feature_nets, generation_phase, prediction_phase, prior_generation_phase,
+                                reconstruction_phase, reference_phase)
 from ulcore.eval.protocol import EvalProtocol
 from ulcore.eval.reference import Reference, fid_floor, floor_reference, splits
 from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
 from ulcore.runtime import compute_device
 
-METRIC_KEYS = ("gfid", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
+METRIC_KEYS = ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
                "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd")
 
 
@@ -157,7 +159,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     result["inputs_digest"] = digest
     measured.timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = {k: round(v, 2) for k, v in measured.timings.items()}
-    _publish(cfg, where, result, measured.rec, measured.gen, measured.pred, tracking)
+    _publish(cfg, where, result, measured, tracking)
     result["markdown"] = metrics_markdown(result)
     return result
 
@@ -170,6 +172,7 @@ class Measured:
     gen: Generation | None
     pred: Prediction | None
     timings: dict[str, float]
+    prior_gen: Generation | None = None  # samples of the stage-1 prior (eval.prior_gfid)
 
 
 def measure(cfg: Config, where: Locations) -> Measured:
@@ -212,6 +215,12 @@ def measure(cfg: Config, where: Locations) -> Measured:
     gen = generation_phase(models, protocol, nets) if models.stage2 is not None else None
     timings["generation_s"] = time.perf_counter() - t0
 
+    prior_gen = None
+    if cfg.eval.prior_gfid:
+        t0 = time.perf_counter()
+        prior_gen = prior_generation_phase(models, protocol, nets)
+        timings["prior_generation_s"] = time.perf_counter() - t0
+
     pred = None
     if models.stage2 is not None and nets.i3d is not None and protocol.context_frames:
         t0 = time.perf_counter()
@@ -220,12 +229,13 @@ def measure(cfg: Config, where: Locations) -> Measured:
 
     result = summarise(cfg, protocol, nets, rec, ref, gen, pred, train_ref=train_ref, val_ref=val_ref,
                        floor_ref=floor_ref, floor=floor)
+    result["gfid_prior"] = fid_from_stats(train_ref.stats, prior_gen.fid) if prior_gen is not None else None
     if models.stage2 is None:
         result["gfid_unavailable_reason"] = f"{where.stage2}: no stage-2 model exported yet"
     if cfg.is_video:
         result["protocol"]["fvd"] = fvd_protocol(cfg, nets.i3d, protocol)
     result["protocol_digest"] = protocol.digest()
-    return Measured(result, rec, gen, pred, timings)
+    return Measured(result, rec, gen, pred, timings, prior_gen)
 
 
 def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Reconstruction, ref: ReferencePass,
@@ -256,10 +266,9 @@ def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Recon
     return result
 
 
-def _publish(cfg: Config, where: Locations, result: dict[str, Any], rec: Reconstruction, gen: Generation | None,
-             pred: Prediction | None, tracking) -> None:
+def _publish(cfg: Config, where: Locations, result: dict[str, Any], measured: Measured, tracking) -> None:
     """eval.json, grids, plots -> storage; the same to MLflow (metrics, images, artefacts)."""
-    e = cfg.eval
+    e, rec, gen, pred = cfg.eval, measured.rec, measured.gen, measured.pred
     with tracking.stage_run(cfg, "evaluate") as run_id, tempfile.TemporaryDirectory(prefix="ul-eval-") as tmp:
         result["mlflow_run_id"] = run_id
         numbers = {k: v for k, v in result.items() if k in METRIC_KEYS and v is not None and math.isfinite(v)}
@@ -277,6 +286,11 @@ def _publish(cfg: Config, where: Locations, result: dict[str, Any], rec: Reconst
             tracking.log_image(run_id, grid, "outputs/samples.png")
             np.savez_compressed(out / "samples.npz", images=samples.numpy(),
                                 labels=(np.arange(samples.shape[0]) % cfg.model.num_classes))
+        if measured.prior_gen is not None and measured.prior_gen.grid is not None:
+            samples = measured.prior_gen.grid
+            grid = images.image_grid(samples[:, :, 0] if samples.ndim == 5 else samples)
+            images.save_png(grid, out / "prior_samples.png")
+            tracking.log_image(run_id, grid, "outputs/prior_samples.png")
         if pred is not None and pred.grid_real is not None:  # each held-out clip's row, then its prediction's row
             real, predicted = pred.grid_real, pred.grid_predicted
             grid = images.image_grid(torch.stack([real, predicted], dim=1).flatten(0, 1))

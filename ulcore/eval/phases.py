@@ -7,6 +7,7 @@ and grid images, so it can run anywhere (a Ray task, later) and the distances ar
 - reference: the training split's statistics for gFID and for the FID floor when not cached, and I3D statistics of
   the first N training clips for unconditional FVD;
 - generation: N base-model samples -> statistics for gFID (and unconditional FVD);
+- prior generation (eval.prior_gfid): N samples with the stage-1 prior in place of the base model -> gfid_prior;
 - prediction: N clips continued from held-out context frames -> I3D statistics for frame-prediction FVD.
 """
 
@@ -22,7 +23,7 @@ from ulcore.config import Config
 from ulcore.data.loaders import eval_batches, to_float, to_uint8
 from ulcore.diffusion.bitrate import base_bits_per_pixel, prior_bits_per_pixel
 from ulcore.diffusion.losses import bits_per_subpixel
-from ulcore.diffusion.sampling import generate, reconstruct
+from ulcore.diffusion.sampling import generate, generate_from_prior, reconstruct
 from ulcore.eval.fid import FeatureStats, RunningStats
 from ulcore.eval.fvd import predicted_clips
 from ulcore.eval.i3d import I3DFeatures, I3DUnavailable
@@ -208,6 +209,21 @@ def generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) 
     return Generation(fid=stats.stats(), i3d=_stats(i3d, with_i3d), grid=_grid(grid, p.grid_size))
 
 
+def prior_generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) -> Generation:
+    """N samples of the stage-1 prior decoded to pixels, sample i seeded by sample_seeds(protocol.prior_seed, i),
+    the base model's steps and sampler: FID features, the other side of UL §3.3's base-model-vs-prior comparison."""
+    p, stats, grid = protocol, RunningStats(), []
+    for start in range(0, p.num_samples, p.batch_size):
+        idx = range(start, min(start + p.batch_size, p.num_samples))
+        g_u8 = to_uint8(generate_from_prior(models.stage1, len(idx), seed=p.prior_seed, sampler=p.sampler,
+                                            prior_steps=p.base_steps, decoder_steps=p.decoder_steps, indices=idx,
+                                            device=models.device)).cpu()
+        stats.add(nets.fid(frames(g_u8)))
+        _keep(grid, g_u8, p.grid_size)
+        _progress("prior samples", idx.stop, p.num_samples)
+    return Generation(fid=stats.stats(), i3d=None, grid=_grid(grid, p.grid_size))
+
+
 def prediction_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets, held_out: list[str]) -> Prediction:
     """Frame prediction (protocol.context_frames > 0): N clips continued from the held-out clips' first frames
     (fvd.predicted_clips) -> I3D features of the full clips, context included."""
@@ -224,4 +240,5 @@ def prediction_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets, 
 
 
 __all__ = ["Models", "FeatureNets", "Reconstruction", "ReferencePass", "Generation", "Prediction", "feature_nets",
-           "reconstruction_phase", "reference_phase", "generation_phase", "prediction_phase"]
+           "reconstruction_phase", "reference_phase", "generation_phase", "prior_generation_phase",
+           "prediction_phase"]

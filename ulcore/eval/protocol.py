@@ -20,6 +20,7 @@ MONITORING_BELOW = 10_000  # FID from fewer samples is labelled "monitoring"
 RECONSTRUCTION_SEED_OFFSET = 2  # generate() uses seed and seed + 1; reconstructions use seed + 2 and seed + 3
 BITS_SEED_OFFSET = 4
 PREDICTION_SEED_OFFSET = 5  # predicted clips use noise streams seed + 5 .. + 8 (generate() takes four)
+PRIOR_SEED_OFFSET = 9  # samples of the stage-1 prior (gfid_prior): seed + 9 and + 10
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class EvalProtocol:
     reconstruction_seed: int
     bits_seed: int  # + the batch's start index
     prediction_seed: int
+    prior_seed: int  # gfid_prior's samples (generate_from_prior takes two streams)
     sampler: str
     base_steps: int
     decoder_steps: int
@@ -56,6 +58,7 @@ class EvalProtocol:
         return cls(num_samples=e.num_samples, reference_samples=e.reference_samples, seed=e.seed,
                    generation_seed=e.seed, reconstruction_seed=e.seed + RECONSTRUCTION_SEED_OFFSET,
                    bits_seed=e.seed + BITS_SEED_OFFSET, prediction_seed=e.seed + PREDICTION_SEED_OFFSET,
+                   prior_seed=e.seed + PRIOR_SEED_OFFSET,
                    sampler=e.sampler, base_steps=e.base_steps, decoder_steps=e.decoder_steps, guidance=e.guidance,
                    guidance_interval=tuple(e.guidance_interval), num_classes=cfg.model.num_classes,
                    context_frames=e.fvd_context_frames, reconstruction_guidance=e.fvd_reconstruction_guidance,
@@ -68,8 +71,9 @@ class EvalProtocol:
         """Identity of the protocol for comparing two evaluations' numbers (the promote gate): every field but the
         batch and grid sizes (per-sample seeds: the numbers do not depend on them), and of the FID network its
         sha256 and input processing, not where its file lies. The reference keys hash the data the statistics
-        were computed from, so new training data is a new protocol."""
-        doc = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "grid_size")}
+        were computed from, so new training data is a new protocol. The prior's seed is left out too: it changes
+        only gfid_prior, a number no gate compares, so evaluations from before it existed still compare."""
+        doc = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "grid_size", "prior_seed")}
         doc["fid_network"] = {k: self.fid_network.get(k) for k in ("fid_weights_sha256", "fid_resize")}
         return layout.digest(doc)
 
@@ -85,7 +89,8 @@ class EvalProtocol:
         return {
             "num_samples": n, "num_reconstructed": num_reconstructed, "seed": self.seed,
             "seeds": {"generate": f"sample_seeds({self.generation_seed}, 0..{n - 1}) and {self.generation_seed + 1}",
-                      "reconstruct": self.reconstruction_seed, "bits": f"{self.bits_seed} + batch start"},
+                      "reconstruct": self.reconstruction_seed, "bits": f"{self.bits_seed} + batch start",
+                      "prior": f"sample_seeds({self.prior_seed}, 0..{n - 1}) and {self.prior_seed + 1}"},
             "labels": "i mod num_classes", "sampler": self.sampler, "base_steps": self.base_steps,
             "decoder_steps": self.decoder_steps, "guidance": self.guidance,
             "guidance_interval": list(self.guidance_interval), "ema": True, "train_split": self.train_split,
@@ -105,4 +110,4 @@ class EvalProtocol:
 
 
 __all__ = ["EvalProtocol", "MONITORING_BELOW", "RECONSTRUCTION_SEED_OFFSET", "BITS_SEED_OFFSET",
-           "PREDICTION_SEED_OFFSET"]
+           "PREDICTION_SEED_OFFSET", "PRIOR_SEED_OFFSET"]
