@@ -16,7 +16,7 @@ SOURCES.remove(Path(__file__).resolve())  # its own examples of what does not re
 CITATION = re.compile(r"docs/(\w+)\.md((?:\s*(?:§\d+(?:\s*[-–]\s*§?\d+)?|\(M\d+\)(?:\s*[-–]\s*\(M\d+\))?)"
                       r"(?:\s*(?:,|and)\s*)?)*)")
 SEE_PATH = re.compile(r"\bsee (?:`)?((?:ulcore|flows|tests|benchmarks|infra|docs)/[\w/.-]+\.\w+)")
-FORBIDDEN = re.compile(r"ul_method\.md|research/|STYLE habit|\bDESIGN\.md|\.\./shared")
+FORBIDDEN = re.compile(r"ul_method\.md|research/|STYLE habit|\bDESIGN\.md|shared/(?:DESIGN|STYLE|research)")
 
 
 def _sections(doc: Path) -> set[int]:
