@@ -11,9 +11,9 @@ statistics (the `reference` stage's, `eval.reference_samples` = N training image
   cosine log-SNR schedule, AdamW, EMA), sampled with the same ancestral sampler and step count as UL's decoder.
 
 The budget is CPU-seconds, interleaved: after UL's stage 1 the baseline trains for the CPU-seconds stage 1 took,
-after UL's encode + stage 2 for theirs. CPU-seconds are the machine's busy time at normal priority from /proc/stat
-(user + system + irq + softirq + steal, across all cores and processes: Ray's workers and daemons count for UL);
-work niced in the background does not count, work at normal priority does, so run it on an otherwise idle machine.
+after UL's encode + stage 2 for theirs. CPU-seconds are those of this run's processes only (`RunCPU`: this process,
+its local Ray instance and Ray's workers; Ray's idle daemons count against the baseline's phases too), so other
+work on the machine changes the wall time, not the comparison.
 Prints both metric sets, the ratio UL gFID / baseline gFID (goal <= 1.0: UL's latents make generation cheaper for
 the same quality) and the CPU it ran on.
 """
@@ -26,7 +26,9 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -46,16 +48,47 @@ from ulcore.stages import run_stage
 from ulcore.train import stage1
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TOKEN = "UL_QUALITY_RUN"  # environment variable marking this run's processes
 QUICK = ["stage1.total_samples=2048", "stage2.total_samples=1024", "stage1.log_every_samples=512",
          "stage1.ckpt_every_samples=1024", "stage2.log_every_samples=512", "stage2.ckpt_every_samples=512"]
 
 
-def busy_cpu_seconds() -> float:
-    """The machine's CPU time at normal priority so far, all cores (/proc/stat; nice time excluded)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    user, _nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+class RunCPU:
+    """CPU-seconds of every process of this run: this one, the local Ray instance it starts and Ray's workers, found
+    by a token in their environment (inherited from this process) and sampled every 0.5 s from /proc; a process's
+    last sample stands after it exits (at most 0.5 s of it unseen). Other work on the machine does not count, nor
+    does the niceness Ray gives its workers."""
+
+    def __init__(self) -> None:
+        self.token = f"{TOKEN}={uuid.uuid4().hex}".encode()
+        os.environ[TOKEN] = self.token.split(b"=", 1)[1].decode()
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.seen: dict[tuple[str, str], float] = {}
+        self.lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            time.sleep(0.5)
+
+    def sample(self) -> None:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if self.token not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone, or not ours to read
+                continue
+            with self.lock:  # utime + stime, keyed by (pid, start time): a reused pid is another process
+                self.seen[(proc.name, fields[19])] = (int(fields[11]) + int(fields[12])) / self.tick
+
+    def seconds(self) -> float:
+        self.sample()
+        with self.lock:
+            return sum(self.seen.values())
 
 
 def cpu_model() -> str:
@@ -186,9 +219,9 @@ class Baseline:
         self.samples += x.shape[0]
         return loss.item()
 
-    def train_for(self, cpu_seconds: float) -> float:
-        start, loss = busy_cpu_seconds(), float("nan")
-        while busy_cpu_seconds() - start < cpu_seconds:
+    def train_for(self, cpu: RunCPU, cpu_seconds: float) -> float:
+        start, loss = cpu.seconds(), float("nan")
+        while cpu.seconds() - start < cpu_seconds:
             loss = self.step()
         return loss
 
@@ -225,11 +258,11 @@ def baseline_gfid(cfg: Config, baseline: Baseline, *, steps: int) -> float:
     return fid_from_stats(reference.stats, stats.stats())
 
 
-def _ul_phase(cfg: Config, names: tuple[str, ...]) -> float:
-    start = busy_cpu_seconds()
+def _ul_phase(cfg: Config, cpu: RunCPU, names: tuple[str, ...]) -> float:
+    start = cpu.seconds()
     for name in names:
         run_stage(name, cfg)
-    return busy_cpu_seconds() - start
+    return cpu.seconds() - start
 
 
 def _row(name: str, values: dict, keys: tuple[str, ...]) -> str:
@@ -240,7 +273,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="generated samples for gFID (N)")
     parser.add_argument("--quick", action="store_true", help="an eighth of the demo's training, N = 200")
-    parser.add_argument("--root", default="", help="storage root (default: a fresh temp folder)")
+    parser.add_argument("--root", default="", help="a fresh storage root (default: a new temp folder)")
     parser.add_argument("--baseline-lr", type=float, default=1e-3)
     parser.add_argument("--baseline-batch", type=int, default=32)
     args = parser.parse_args()
@@ -249,20 +282,25 @@ def main() -> None:
     cfg = load_config(PARAMS, [f"storage.root={root}", f"eval.num_samples={n}", f"eval.reference_samples={n}",
                                *(QUICK if args.quick else [])])
     print(f"CPU: {cpu_model()}; load average {os.getloadavg()[0]:.2f} at start; storage root {root}", flush=True)
+    for stage in ("stage1", "stage2"):
+        if storage.exists(layout.done_marker(root, stage)):
+            raise SystemExit(f"{layout.done_marker(root, stage)}: {stage} already ran under this root, so its "
+                             "training would be skipped and cost nothing; give a fresh --root")
+    cpu = RunCPU()  # before Ray starts: its processes inherit the token
     for name in ("raw_manifest", "shard", "reference"):  # shared by both: not part of either budget
         run_stage(name, cfg)
 
     baseline = Baseline(cfg, lr=args.baseline_lr, batch=args.baseline_batch,
                         ema_halflife=cfg.stage2.ema_halflife_samples)
     budget, wall = {}, time.perf_counter()
-    budget["stage 1"] = _ul_phase(cfg, ("stage1",))
+    budget["stage 1"] = _ul_phase(cfg, cpu, ("stage1",))
     print(f"UL stage 1: {budget['stage 1']:.0f} CPU-s; baseline ({baseline.parameters / 1e6:.2f} M parameters) "
           "trains as long", flush=True)
-    loss = baseline.train_for(budget["stage 1"])
-    budget["encode + stage 2"] = _ul_phase(cfg, ("encode", "stage2"))
+    loss = baseline.train_for(cpu, budget["stage 1"])
+    budget["encode + stage 2"] = _ul_phase(cfg, cpu, ("encode", "stage2"))
     print(f"UL encode + stage 2: {budget['encode + stage 2']:.0f} CPU-s; baseline at {baseline.samples} samples "
           f"(loss {loss:.4f}) trains as long", flush=True)
-    loss = baseline.train_for(budget["encode + stage 2"])
+    loss = baseline.train_for(cpu, budget["encode + stage 2"])
     train_wall = time.perf_counter() - wall
     print(f"baseline: {baseline.samples} samples, final loss {loss:.4f}", flush=True)
 
