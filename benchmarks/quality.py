@@ -62,7 +62,7 @@ class RunCPU:
     def __init__(self) -> None:
         self.token = f"{TOKEN}={uuid.uuid4().hex}".encode()
         os.environ[TOKEN] = self.token.split(b"=", 1)[1].decode()
-        self.tick = os.sysconf("SC_CLK_TCK")
+        self.tick, self.me = os.sysconf("SC_CLK_TCK"), str(os.getpid())
         self.seen: dict[tuple[str, str], float] = {}
         self.lock = threading.Lock()
         threading.Thread(target=self._run, daemon=True).start()
@@ -76,8 +76,8 @@ class RunCPU:
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
-            try:
-                if self.token not in (proc / "environ").read_bytes().split(b"\0"):
+            try:  # /proc/<pid>/environ is the environment a process started with: this one's lacks the token
+                if proc.name != self.me and self.token not in (proc / "environ").read_bytes().split(b"\0"):
                     continue
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # gone, or not ours to read
