@@ -38,7 +38,7 @@ from torch import nn
 from ulcore import layout, storage
 from ulcore.config import Config, load_config
 from ulcore.data.loaders import shard_uris, to_uint8
-from ulcore.diffusion.losses import diffuse, v_from_x
+from ulcore.diffusion.losses import diffuse, v_from_x, x_from_v
 from ulcore.diffusion.sampling import PerSampleNoise, SAMPLERS, logsnr_grid, sample_seeds
 from ulcore.diffusion.schedule import alpha_sigma, decoder_schedule
 from ulcore.eval.fid import RunningStats, fid_from_stats
@@ -234,8 +234,7 @@ class Baseline:
         z = SAMPLERS[sampler](model, noise(-1), grid, noise)
         lam = grid[-1].expand(z.shape[0])
         a, s = alpha_sigma(lam)
-        v = model(z, lam)
-        return (a[:, None, None, None] * z - s[:, None, None, None] * v).clamp(-1.0, 1.0)
+        return x_from_v(z, model(z, lam), a, s).clamp(-1.0, 1.0)
 
 
 def baseline_gfid(cfg: Config, baseline: Baseline, *, steps: int) -> float:
