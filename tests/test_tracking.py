@@ -161,10 +161,13 @@ def test_failed_stage_run_is_marked_failed(cfg):
     assert tracking.client(tracking.tracking_uri(cfg)).get_run(run_id).info.status == "FAILED"
 
 
-def test_register_model_roundtrip_from_another_process(cfg, tmp_path):
+def test_register_model_roundtrip_from_another_process(cfg, tmp_path, monkeypatch):
     """register_model needs only the run id and the tracking URI: run it in a fresh interpreter (as a Ray
-    worker would), then load the model through its alias and compare the weights."""
+    worker would), then load the model through its alias and compare the weights. Registering in process leaves
+    MLflow's global URI and the environment as they were."""
+    import mlflow
     import torch
+    from mlflow.tracking._tracking_service import utils as tracking_utils
     from safetensors.torch import save_file
 
     weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
@@ -188,6 +191,8 @@ def test_register_model_roundtrip_from_another_process(cfg, tmp_path):
                                           "champion", "model:\n  latent_channels: 4\n",
                                           tags={tracking.STAGE1_RUN_TAG: run_id})
     assert version == "2"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
+    assert tracking_utils._tracking_uri is None
     c = tracking.client(uri)
     assert str(c.get_model_version_by_alias("ul-encoder", "latest").version) == "2"  # MLflow's built-in alias
     assert str(c.get_model_version_by_alias("ul-encoder", "champion").version) == "2"
@@ -195,9 +200,7 @@ def test_register_model_roundtrip_from_another_process(cfg, tmp_path):
     assert mv.run_id == run_id and mv.tags["run_id"] == run_id and mv.tags["preset"] == "tiny"
     assert mv.tags[tracking.STAGE1_RUN_TAG] == run_id
 
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model("models:/ul-encoder@champion")
     bundle = model.unwrap_python_model()
     assert "latent_channels: 4" in bundle.config_yaml

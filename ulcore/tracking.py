@@ -390,6 +390,31 @@ def _requirements() -> list[str]:
     return pins
 
 
+@contextlib.contextmanager
+def _mlflow_globals(uri: str, experiment_id: str) -> Iterator[None]:
+    """MLflow's global tracking URI and experiment set to these while the block runs, then all as they were.
+
+    `mlflow.set_tracking_uri` also exports `MLFLOW_TRACKING_URI` (for subprocesses) and keeps a module global, so
+    restoring with it alone would leave the variable set where it was absent before: a later stage or subprocess of
+    this process would log to this store. Both the global and the variables come back exactly.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_global = tracking_utils._tracking_uri
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    tracking_utils.set_tracking_uri(uri)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(saved_global)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str, config_yaml: str, *,
                    tags: Mapping[str, str] | None = None, tracking_uri: str | None = None) -> str:
     """Log `files` (key -> local .safetensors path) + config as a pyfunc model in the run, register it as
@@ -419,22 +444,12 @@ def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str,
         artifacts["config"] = str(config_path.resolve())
         # Model.log takes an explicit run id (pyfunc.log_model only knows the active run); the logged-model
         # record goes to the run's experiment.
-        previous_uri = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        previous_exp = os.environ.get("MLFLOW_EXPERIMENT_ID")
-        os.environ["MLFLOW_EXPERIMENT_ID"] = run.info.experiment_id
-        try:
+        with _mlflow_globals(uri, run.info.experiment_id):
             info = Model.log(
                 artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
                 python_model=SafetensorsBundle(), artifacts=artifacts, pip_requirements=_requirements(),
                 registered_model_name=name, await_registration_for=60,
             )
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
-            if previous_exp is None:
-                os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-            else:
-                os.environ["MLFLOW_EXPERIMENT_ID"] = previous_exp
     version = str(info.registered_model_version)
     if alias.lower() != "latest":  # MLflow reserves "latest": it always resolves to the newest version
         c.set_registered_model_alias(name, alias, version)

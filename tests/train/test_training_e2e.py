@@ -5,7 +5,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -91,8 +90,7 @@ def test_stage1_writes_models_metrics_and_registers(pipeline):
     assert metrics["bits_per_pixel"] > 0 and 0 < metrics["psnr"] < 60
     assert metrics["bits_per_subpixel"] == pytest.approx(metrics["bits_per_pixel"] / 3)
     assert 0 <= metrics["clip_fraction"] <= 1  # share of the run's steps whose gradient was clipped
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    client = MlflowClient()
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.tags["stage"] == "stage1" and run.data.params["stage1.loss_factor"] == str(cfg.stage1.loss_factor)
     history = client.get_metric_history(run.info.run_id, "prior_diffusion")
