@@ -6,7 +6,7 @@ Both see the same embedded training images and are judged by the same FID networ
 statistics (the `reference` stage's, `eval.reference_samples` = N training images), on N generated samples.
 
 - UL: the project's stages in this process as the demo runs them (`tiny` preset: stage 1, encode, stage 2 through
-  Ray Train), then its own `evaluate` stage at N samples (gFID, rFID, PSNR, latent bits/pixel, FID floor).
+  Ray Train), then its own `evaluate` stage at N samples (gFID, rFID, PSNR, latent bits/pixel, FID floor, chroma).
 - Baseline: written here, not in the library: a class-conditional pixel-space U-Net (v-prediction on the decoder's
   cosine log-SNR schedule, AdamW, EMA), sampled with the same ancestral sampler and step count as UL's decoder.
 
@@ -42,6 +42,7 @@ from ulcore.diffusion.losses import diffuse, v_from_x, x_from_v
 from ulcore.diffusion.sampling import PerSampleNoise, SAMPLERS, logsnr_grid, sample_seeds
 from ulcore.diffusion.schedule import alpha_sigma, decoder_schedule
 from ulcore.eval.fid import RunningStats, fid_from_stats
+from ulcore.eval.image_metrics import chroma
 from ulcore.eval.inception import FidFeatureExtractor, resolve_fid_weights
 from ulcore.eval.reference import Reference, splits
 from ulcore.stages import run_stage
@@ -237,8 +238,9 @@ class Baseline:
         return x_from_v(z, model(z, lam), a, s).clamp(-1.0, 1.0)
 
 
-def baseline_gfid(cfg: Config, baseline: Baseline, *, steps: int) -> float:
-    """FID of N class-balanced baseline samples against the UL evaluation's gFID reference statistics."""
+def baseline_metrics(cfg: Config, baseline: Baseline, *, steps: int) -> dict[str, float]:
+    """gFID of N class-balanced baseline samples against the UL evaluation's gFID reference statistics, and their
+    chroma (the colour greyscale data never has, as eval.json's chroma_samples)."""
     weights = resolve_fid_weights(cfg.eval.fid_weights)
     train_split, _ = splits(cfg)
     reference = Reference(cfg, train_split, shard_uris(cfg, "images", train_split), cfg.eval.reference_samples,
@@ -246,7 +248,7 @@ def baseline_gfid(cfg: Config, baseline: Baseline, *, steps: int) -> float:
     if reference.needed:
         raise RuntimeError(f"{layout.fid_ref(cfg.storage.root, reference.key_hash)}: no gFID reference for the "
                            "baseline; the reference stage should have written it")
-    extractor, stats = FidFeatureExtractor(weights), RunningStats()
+    extractor, stats, colour = FidFeatureExtractor(weights), RunningStats(), []
     n, b = cfg.eval.num_samples, cfg.eval.batch_size
     labels_all = torch.arange(n) % cfg.model.num_classes
     for start in range(0, n, b):
@@ -254,7 +256,8 @@ def baseline_gfid(cfg: Config, baseline: Baseline, *, steps: int) -> float:
         images = baseline.sample(labels, range(start, start + labels.shape[0]), steps=steps,
                                  sampler=cfg.eval.sampler, seed=cfg.eval.seed)
         stats.add(extractor(to_uint8(images)))
-    return fid_from_stats(reference.stats, stats.stats())
+        colour.append(chroma(images))
+    return {"gfid": fid_from_stats(reference.stats, stats.stats()), "chroma_samples": float(torch.cat(colour).mean())}
 
 
 def _ul_phase(cfg: Config, cpu: RunCPU, names: tuple[str, ...]) -> float:
@@ -305,15 +308,16 @@ def main() -> None:
 
     run_stage("evaluate", cfg)
     ul = storage.read_json(layout.metrics(root, "eval"))
-    base = {"gfid": baseline_gfid(cfg, baseline, steps=cfg.eval.decoder_steps)}
-    keys = ("gfid", "rfid", "psnr", "bits_per_pixel_prior")
+    base = baseline_metrics(cfg, baseline, steps=cfg.eval.decoder_steps)
+    keys = ("gfid", "rfid", "psnr", "bits_per_pixel_prior", "chroma_samples")
     total = sum(budget.values())
     print(f"\nSame budget: {total:.0f} CPU-s of training each ({train_wall:.0f} s wall for both, interleaved); "
           f"N = {n} samples, FID floor at this N {ul.get('fid_floor', float('nan')):.4g}")
-    print("| model | gFID | rFID | PSNR dB | bits/pixel |\n| --- | --- | --- | --- | --- |")
+    print("| model | gFID | rFID | PSNR dB | bits/pixel | chroma |\n| --- | --- | --- | --- | --- | --- |")
     print(_row(f"UL tiny ({cfg.stage1.total_samples} + {cfg.stage2.total_samples} samples)", ul, keys))
     print(_row(f"baseline pixel U-Net ({baseline.samples} samples)", base, keys))
-    print("(the baseline has no autoencoder: rFID, PSNR and a latent bitrate do not apply)")
+    print("(the baseline has no autoencoder: rFID, PSNR and a latent bitrate do not apply; chroma: the samples' mean "
+          f"std across colour channels, 0-255, the data's own is {ul.get('chroma_real', float('nan')):.3g})")
     print(f"ratio UL gFID / baseline gFID = {ul['gfid'] / base['gfid']:.3f} (goal <= 1.0) on {cpu_model()}")
 
 

@@ -42,6 +42,8 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     for key in ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior",
                 "bits_per_pixel_base", "bits_per_subpixel_prior", "bits_per_subpixel_base"):
         assert isinstance(result[key], float) and np.isfinite(result[key]), key
+    assert result["chroma_real"] == 0.0  # greyscale data stored as RGB
+    assert result["chroma_reconstructed"] > 0 and result["chroma_samples"] > 0  # random nets: coloured noise
     for which in ("prior", "base"):  # per sub-pixel = per pixel / 3 RGB channels
         assert result[f"bits_per_subpixel_{which}"] == pytest.approx(result[f"bits_per_pixel_{which}"] / 3)
     assert result["fvd"] is None and result["fvd_unavailable_reason"] == "not a video model"
@@ -71,6 +73,7 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     assert run.data.tags["stage"] == "evaluate" and run.data.metrics["gfid"] == pytest.approx(result["gfid"])
     assert run.data.metrics["fid_floor"] == pytest.approx(result["fid_floor"])
     assert run.data.metrics["gfid_prior"] == pytest.approx(result["gfid_prior"])
+    assert run.data.metrics["chroma_samples"] == pytest.approx(result["chroma_samples"])
 
     # the reference stage finds what evaluate stored, under the same keys, and computes nothing
     ref = run_reference(cfg)

@@ -1,4 +1,4 @@
-"""PSNR against its closed form; SSIM is torchmetrics' documented Gaussian-window SSIM, per image."""
+"""PSNR and chroma against their closed forms; SSIM is torchmetrics' documented Gaussian-window SSIM, per image."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ulcore.eval.image_metrics import PSNR_CAP_DB, psnr, ssim
+from ulcore.eval.image_metrics import PSNR_CAP_DB, chroma, psnr, ssim
 
 
 def test_psnr_closed_form_per_image():
@@ -47,3 +47,13 @@ def test_ssim_is_torchmetrics_gaussian_11_sigma_1p5():
     torch.testing.assert_close(ours, ref.float())
     assert ssim(x, x).min().item() == pytest.approx(1.0, abs=1e-5)
     assert (ours < 0.99).all()
+
+
+def test_chroma_is_zero_on_grey_and_the_channel_std_on_colour():
+    grey = torch.arange(2 * 16, dtype=torch.uint8).reshape(2, 1, 4, 4).expand(2, 3, 4, 4)
+    assert chroma(grey).tolist() == [0.0, 0.0]
+    x = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    x[0, 2, :2] = 255  # half the pixels (0, 0, 255): population std sqrt(2 * 85² + 170²) / sqrt(3) = 85 sqrt(2)
+    assert chroma(x).item() == pytest.approx(0.5 * 85 * math.sqrt(2), rel=1e-6)
+    assert chroma(torch.full((1, 3, 2, 2), -1.0)).item() == 0.0  # floats in [-1, 1] like psnr
+    assert chroma(torch.zeros(2, 3, 4, 8, 8, dtype=torch.uint8)).shape == (8,)  # clips: one value per frame

@@ -17,6 +17,8 @@ phases that compute the statistics are in phases.py):
   fvd.predicted_clips), FVD on the full clips, context included, vs those held-out clips.
 - gfid_prior (eval.prior_gfid): the gFID protocol with the stage-1 prior in place of the base model (no labels),
   sample i seeded by sample_seeds(eval.seed + 9, i): UL §3.3 says the base model samples better than the prior.
+- chroma_real / chroma_reconstructed / chroma_samples: image_metrics.chroma (mean std across the colour channels,
+  0-255) of the held-out images, their reconstructions and the gFID samples: colour a greyscale dataset never has.
 - FID floor: FID between the first `num_samples` training images and the rFID reference images - real vs real at
   the N of gFID, the best a generator can score there (reference.fid_floor; cached with the references).
 - num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
@@ -57,7 +59,8 @@ from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
 from ulcore.runtime import compute_device
 
 METRIC_KEYS = ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
-               "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd")
+               "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd", "chroma_real", "chroma_reconstructed",
+               "chroma_samples")
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,8 @@ def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Recon
     result: dict[str, Any] = {
         "gfid": gfid, "fid_floor": floor, "rfid": fid_from_stats(val_ref.stats, rec.reconstructed),
         "psnr": rec.psnr, "ssim": rec.ssim,
+        "chroma_real": rec.chroma_real, "chroma_reconstructed": rec.chroma_reconstructed,
+        "chroma_samples": gen.chroma if gen is not None else None,
         "bits_per_pixel_prior": rec.bits_per_pixel_prior, "bits_per_pixel_base": rec.bits_per_pixel_base,
         "bits_per_subpixel_prior": rec.bits_per_subpixel_prior, "bits_per_subpixel_base": rec.bits_per_subpixel_base,
         "fvd": fvd_value, "fvd_unavailable_reason": fvd_reason if fvd_value is None else None,

@@ -8,6 +8,9 @@ at the caller.
 - SSIM: torchmetrics' `structural_similarity_index_measure` with its defaults (Gaussian window 11x11, σ = 1.5,
   K1 = 0.01, K2 = 0.03), data_range 255, per image. skimage (7x7 uniform) and piq (downsampling) give other
   numbers on the same pair; compare only SSIMs computed this way.
+- chroma: per image, the mean over pixels of the standard deviation across the colour channels on [0, 255]
+  (population std). 0 for a greyscale image stored as RGB, as the embedded Fashion-MNIST is; generated or
+  reconstructed images of greyscale data above it carry coloured noise the data never had.
 """
 
 from __future__ import annotations
@@ -56,4 +59,10 @@ def ssim(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> torch.Te
     return torch.as_tensor(values).float().reshape(a.shape[0])
 
 
-__all__ = ["psnr", "ssim", "to_255", "PSNR_CAP_DB"]
+def chroma(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Per-image mean over pixels of the std across channels on [0, 255]: 0 for grey pixels."""
+    a = to_255(x).double()
+    return a.std(dim=1, unbiased=False).flatten(1).mean(dim=1).float()
+
+
+__all__ = ["psnr", "ssim", "chroma", "to_255", "PSNR_CAP_DB"]

@@ -27,7 +27,7 @@ from ulcore.diffusion.sampling import generate, generate_from_prior, reconstruct
 from ulcore.eval.fid import FeatureStats, RunningStats
 from ulcore.eval.fvd import predicted_clips
 from ulcore.eval.i3d import I3DFeatures, I3DUnavailable
-from ulcore.eval.image_metrics import psnr, ssim
+from ulcore.eval.image_metrics import chroma, psnr, ssim
 from ulcore.eval.inception import FidFeatureExtractor, WeightsSource, extractor_on
 from ulcore.eval.protocol import EvalProtocol
 from ulcore.eval.reference import frames, take
@@ -54,6 +54,8 @@ class Reconstruction:
     num_images: int
     psnr: float | None
     ssim: float | None
+    chroma_real: float | None  # image_metrics.chroma: colour the held-out images have (0 when grey)
+    chroma_reconstructed: float | None  # ... and their reconstructions
     bits_per_pixel_prior: float | None
     bits_per_pixel_base: float | None
     bits_per_subpixel_prior: float | None
@@ -78,6 +80,7 @@ class Generation:
     fid: FeatureStats
     i3d: FeatureStats | None
     grid: torch.Tensor | None
+    chroma: float | None  # image_metrics.chroma of the samples
 
 
 @dataclass
@@ -135,6 +138,7 @@ def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, ne
     p, stage1, stage2, i3d = protocol, models.stage1, models.stage2, nets.i3d
     real, rec, i3d_real, i3d_rec = RunningStats(), RunningStats(), RunningStats(), RunningStats()
     psnrs, ssims, bpp_prior, bpp_base, grid_real, grid_rec = [], [], [], [], [], []
+    chroma_real, chroma_rec = [], []
     n = 0
     for start, batch in take(_batches(held_out, p), p.num_samples):
         x_u8, labels = batch["x"], batch["cls"].to(models.device)
@@ -143,6 +147,8 @@ def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, ne
                                       sampler=p.sampler, indices=range(start, start + x.shape[0]))).cpu()
         psnrs.append(psnr(rec_u8, x_u8))
         ssims.append(ssim(rec_u8, x_u8))
+        chroma_real.append(chroma(x_u8))
+        chroma_rec.append(chroma(rec_u8))
         bpp_prior.append(prior_bits_per_pixel(stage1, x, seed=p.bits_seed + start))
         if stage2 is not None:
             bpp_base.append(base_bits_per_pixel(stage1, stage2, x, labels, seed=p.bits_seed + start))
@@ -158,7 +164,8 @@ def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, ne
         _progress("reconstructions", n, p.num_samples)
     channels = cfg.model.in_channels
     return Reconstruction(
-        num_images=n, psnr=_mean(psnrs), ssim=_mean(ssims), bits_per_pixel_prior=_mean(bpp_prior),
+        num_images=n, psnr=_mean(psnrs), ssim=_mean(ssims), chroma_real=_mean(chroma_real),
+        chroma_reconstructed=_mean(chroma_rec), bits_per_pixel_prior=_mean(bpp_prior),
         bits_per_pixel_base=_mean(bpp_base),
         bits_per_subpixel_prior=_mean([bits_per_subpixel(b, channels) for b in bpp_prior]),
         bits_per_subpixel_base=_mean([bits_per_subpixel(b, channels) for b in bpp_base]),
@@ -193,7 +200,7 @@ def generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) 
     sample_seeds(protocol.generation_seed, i): FID features (and I3D features for unconditional FVD)."""
     p = protocol
     with_i3d = nets.i3d is not None and not p.context_frames
-    stats, i3d, grid = RunningStats(), RunningStats(), []
+    stats, i3d, grid, colour = RunningStats(), RunningStats(), [], []
     labels_all = torch.arange(p.num_samples, dtype=torch.int64, device=models.device) % p.num_classes
     for start in range(0, p.num_samples, p.batch_size):
         labels = labels_all[start:start + p.batch_size]
@@ -202,26 +209,29 @@ def generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) 
                                  guidance_interval=p.guidance_interval,
                                  indices=range(start, start + labels.shape[0]))).cpu()
         stats.add(nets.fid(frames(g_u8)))
+        colour.append(chroma(g_u8))
         if with_i3d:
             i3d.add(nets.i3d(g_u8))
         _keep(grid, g_u8, p.grid_size)
         _progress("samples", start + labels.shape[0], p.num_samples)
-    return Generation(fid=stats.stats(), i3d=_stats(i3d, with_i3d), grid=_grid(grid, p.grid_size))
+    return Generation(fid=stats.stats(), i3d=_stats(i3d, with_i3d), grid=_grid(grid, p.grid_size),
+                      chroma=_mean(colour))
 
 
 def prior_generation_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets) -> Generation:
     """N samples of the stage-1 prior decoded to pixels, sample i seeded by sample_seeds(protocol.prior_seed, i),
     the base model's steps and sampler: FID features, the other side of UL §3.3's base-model-vs-prior comparison."""
-    p, stats, grid = protocol, RunningStats(), []
+    p, stats, grid, colour = protocol, RunningStats(), [], []
     for start in range(0, p.num_samples, p.batch_size):
         idx = range(start, min(start + p.batch_size, p.num_samples))
         g_u8 = to_uint8(generate_from_prior(models.stage1, len(idx), seed=p.prior_seed, sampler=p.sampler,
                                             prior_steps=p.base_steps, decoder_steps=p.decoder_steps, indices=idx,
                                             device=models.device)).cpu()
         stats.add(nets.fid(frames(g_u8)))
+        colour.append(chroma(g_u8))
         _keep(grid, g_u8, p.grid_size)
         _progress("prior samples", idx.stop, p.num_samples)
-    return Generation(fid=stats.stats(), i3d=None, grid=_grid(grid, p.grid_size))
+    return Generation(fid=stats.stats(), i3d=None, grid=_grid(grid, p.grid_size), chroma=_mean(colour))
 
 
 def prediction_phase(models: Models, protocol: EvalProtocol, nets: FeatureNets, held_out: list[str]) -> Prediction:
