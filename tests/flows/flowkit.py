@@ -43,6 +43,7 @@ SMOKE = [
     "encode.batch_size=64",
     "eval.num_samples=32", "eval.batch_size=16", "eval.base_steps=4", "eval.decoder_steps=4", "eval.grid_size=16",
     "eval.reference_samples=32",
+    "stage1.loss_factor=3.0",  # the c_lf the e2e gates' margins (scheduled retrain) were measured with
     "ray.num_cpus=2",
 ]
 

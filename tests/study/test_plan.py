@@ -12,15 +12,16 @@ from ulcore.study import plan
 
 
 def test_settings_sweep_then_compare_lambda0_with_duplicates_run_once():
-    got = plan.settings(load_config(None, []))  # tiny: c_lf 3.0
+    got = plan.settings(load_config(None, ["stage1.loss_factor=3.0"]))  # a preset c_lf inside the sweep
     assert [s.slug for s in got] == ["clf1.3_lambda5", "clf1.7_lambda5", "clf2.1_lambda5", "clf3_lambda5",
                                      "clf3_lambda10"]
     assert [s.slug for s in got if s.stage2] == ["clf3_lambda5"]  # the base-vs-prior setting only
     assert got[0].stages == ("stage1", "evaluate") and got[3].stages == ("stage1", "encode", "stage2", "evaluate")
     cfg = load_config(None, got[4].overrides)
     assert (cfg.stage1.loss_factor, cfg.model.logsnr_0, cfg.eval.prior_gfid) == (3.0, 10.0, True)
-    other = plan.settings(load_config(None, ["stage1.loss_factor=2.5"]))  # a c_lf outside the sweep: one more
-    assert len(other) == 6 and [s.slug for s in other if s.stage2] == ["clf2.5_lambda5"]
+    other = plan.settings(load_config(None, []))  # tiny's c_lf 5 lies outside the sweep: one more setting
+    assert len(other) == 6 and [s.slug for s in other if s.stage2] == ["clf5_lambda5"]
+    assert other[-1].slug == "clf5_lambda10"
     with pytest.raises(ConfigError, match="each needs at least one value"):
         plan.settings(load_config(None, []), loss_factors=())
 
