@@ -16,7 +16,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "embedded_train_per_class": 24, "embedded_val_per_class": 8},
         "video": {"frames": 8, "fps": 8.0},
         "model": {"frames": 8, "temporal_downsample": 2, "latent_channels": 4},
-        "stage1": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
+        # stage 1: 512 steps of 4 clips beat 256 of 8 and 128 of 16 at the same 2,048 clips (held-out EMA PSNR, 32
+        # DDIM steps: 12.13 / 11.58 / 10.47 dB; measured one process, 1 thread, load shared alike)
+        "stage1": {"batch_size": 4, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16},
         "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16},
