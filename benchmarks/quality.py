@@ -12,8 +12,9 @@ statistics (the `reference` stage's, `eval.reference_samples` = N training image
 
 The budget is CPU-seconds, interleaved: after UL's stage 1 the baseline trains for the CPU-seconds stage 1 took,
 after UL's encode + stage 2 for theirs. CPU-seconds are those of this run's processes only (`RunCPU`: this process,
-its local Ray instance and Ray's workers; Ray's idle daemons count against the baseline's phases too), so other
-work on the machine changes the wall time, not the comparison.
+its local Ray instance and Ray's workers; Ray's idle daemons count against the baseline's phases too), with OpenMP
+threads that sleep instead of spinning (`passive_openmp`), so other work on the machine changes the wall time, not the
+comparison.
 Prints both metric sets, the ratio UL gFID / baseline gFID (goal <= 1.0: UL's latents make generation cheaper for
 the same quality) and the CPU it ran on.
 """
@@ -271,7 +272,18 @@ def _row(name: str, values: dict, keys: tuple[str, ...]) -> str:
     return f"| {name} | " + " | ".join("n/a" if values.get(k) is None else f"{values[k]:.4g}" for k in keys) + " |"
 
 
+def passive_openmp() -> None:
+    """Rerun this script with OMP_WAIT_POLICY=PASSIVE unless it is set: torch's OpenMP threads then sleep at a
+    barrier instead of spinning, so a CPU-second counts work, not waiting for a descheduled peer thread. Spinning
+    grows with other load on the machine: with the default policy UL's stage 1 counted 851 CPU-s on a shared machine
+    (about 345 with one thread on an idle one). Set before torch loads; Ray's workers inherit it."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def main() -> None:
+    passive_openmp()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="generated samples for gFID (N)")
     parser.add_argument("--quick", action="store_true", help="an eighth of the demo's training, N = 200")
