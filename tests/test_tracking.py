@@ -170,6 +170,7 @@ def test_register_model_roundtrip_from_another_process(cfg, tmp_path, monkeypatc
     from mlflow.tracking._tracking_service import utils as tracking_utils
     from safetensors.torch import save_file
 
+    global_uri = tracking_utils._tracking_uri
     weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
     save_file(weights, str(tmp_path / "encoder.safetensors"))
     uri = tracking.tracking_uri(cfg)
@@ -192,7 +193,7 @@ def test_register_model_roundtrip_from_another_process(cfg, tmp_path, monkeypatc
                                           tags={tracking.STAGE1_RUN_TAG: run_id})
     assert version == "2"
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
-    assert tracking_utils._tracking_uri is None
+    assert tracking_utils._tracking_uri == global_uri
     c = tracking.client(uri)
     assert str(c.get_model_version_by_alias("ul-encoder", "latest").version) == "2"  # MLflow's built-in alias
     assert str(c.get_model_version_by_alias("ul-encoder", "champion").version) == "2"
@@ -223,7 +224,7 @@ def test_models_pickled_under_the_old_class_path_still_load():
 
 
 @pytest.mark.parametrize("old_module", ["ulcore.tracking", "ulcore.bundle"])
-def test_registered_model_pickled_under_an_old_module_loads_through_mlflow(cfg, tmp_path, old_module):
+def test_registered_model_pickled_under_an_old_module_loads_through_mlflow(cfg, tmp_path, old_module, monkeypatch):
     """A registered model whose python_model.pkl names the class's module of an earlier version (MLflow pickled
     `SafetensorsBundle` by reference) loads through `mlflow.pyfunc.load_model` and gives its weights."""
     import importlib
@@ -242,7 +243,7 @@ def test_registered_model_pickled_under_an_old_module_loads_through_mlflow(cfg, 
         tracking.register_model(run_id, name, {"prior": str(tmp_path / "prior.safetensors")}, "champion",
                                 "model:\n  latent_channels: 4\n")
     uri = tracking.tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     local = Path(mlflow.artifacts.download_artifacts(tracking.client(uri).get_model_version(name, "1").source))
     importlib.import_module(old_module)  # cloudpickle pickles by reference only a class found in a loaded module
     SafetensorsBundle.__module__ = old_module  # pickle the class under the path an earlier version used
