@@ -154,6 +154,19 @@ def test_experiments_made_by_earlier_versions_get_the_tags(cfg):
     assert c.get_experiment_by_name("kind-set-by-hand").tags["mlflow.experimentKind"] == "finetuning"
 
 
+def test_a_local_run_refuses_an_experiment_whose_artefacts_are_on_s3(cfg):
+    """An S3-root run from the same folder made the experiment in ./mlflow.db: a local run says so before training
+    instead of failing mid-run on the bucket's credentials."""
+    from ulcore.config import ConfigError
+
+    local = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, experiment="made-by-an-s3-run"))
+    c = tracking.client(tracking.tracking_uri(local))
+    c.create_experiment("made-by-an-s3-run", artifact_location="s3://some-bucket/run/mlartifacts")
+    with pytest.raises(ConfigError, match="'made-by-an-s3-run' .* keeps its artefacts at s3://some-bucket/run/"
+                                          "mlartifacts, but this run's storage is local"):
+        tracking.experiment_url(local)
+
+
 def test_failed_stage_run_is_marked_failed(cfg):
     with pytest.raises(RuntimeError, match="boom"):
         with tracking.stage_run(cfg, "stage2") as run_id:

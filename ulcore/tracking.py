@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ulcore.config import Config
+from ulcore.config import Config, ConfigError
 
 PARENT_ENV = "UL_PARENT_RUN_ID"  # the pipeline run's id; stage runs become its children
 FLOW_RUN_ENV = "UL_PREFECT_FLOW_RUN_ID"  # set by flows/ so ulcore needs no Prefect import
@@ -146,6 +146,12 @@ def _experiment_id(c: Any, name: str, location: str | None) -> str:
             exp = c.get_experiment_by_name(name)
             if exp is None:
                 raise
+    if location is not None and not _is_s3(location) and _is_s3(exp.artifact_location or ""):
+        # an S3-root run from this folder made the experiment (its store defaults to ./mlflow.db): this local run's
+        # artefacts would go to that bucket, and fail there mid-training without its credentials
+        raise ConfigError(f"MLflow experiment '{name}' in {c.tracking_uri} keeps its artefacts at "
+                          f"{exp.artifact_location}, but this run's storage is local ({location}); set "
+                          "tracking.experiment to another name, or tracking.uri to another store")
     if exp.lifecycle_stage == "deleted":
         c.restore_experiment(exp.experiment_id)
     for key, value in experiment_tags().items():  # experiments made by earlier versions get them too; a kind

@@ -27,7 +27,8 @@ def test_demo_report_lists_every_metric_and_the_grids(tmp_path):
     assert f"sample grids (1): {tmp_path / 'outputs'}" in text and "MLflow pipeline run: abc123" in text
 
 
-def test_demo_report_reads_metrics_on_s3(s3_bucket):
+def test_demo_report_reads_metrics_on_s3(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an S3 root's MLflow store defaults to ./mlflow.db: not the checkout's
     root = f"{s3_bucket}/demo"
     _write_run(root)
     cfg = load_config(None, [f"storage.root={root}"])
