@@ -34,17 +34,10 @@ def load(params: str, overrides: list[str] | None) -> Config:
 def flow_run_lineage() -> Iterator[str]:
     """Export this flow run's id so ulcore.tracking tags the MLflow runs it opens (ulcore imports no Prefect)."""
     run_id = str(flow_run.get_id() or "none")
-    previous = {k: os.environ.get(k) for k in (tracking.FLOW_RUN_ENV, jobs.ROOT_FLOW_RUN_ENV)}
-    os.environ[tracking.FLOW_RUN_ENV] = run_id
-    os.environ.setdefault(jobs.ROOT_FLOW_RUN_ENV, run_id)  # the outermost flow: what a cancellation names
-    try:
+    with tracking.environ_restored(tracking.FLOW_RUN_ENV, jobs.ROOT_FLOW_RUN_ENV):
+        os.environ[tracking.FLOW_RUN_ENV] = run_id
+        os.environ.setdefault(jobs.ROOT_FLOW_RUN_ENV, run_id)  # the outermost flow: what a cancellation names
         yield run_id
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def stop_jobs_on_cancel(flow: Any, flow_run: Any, state: Any) -> None:

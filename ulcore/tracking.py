@@ -239,6 +239,20 @@ def lineage_tags(cfg: Config, stage: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def environ_restored(*keys: str) -> Iterator[None]:
+    """The environment variables `keys` as they were before the block (set, changed or removed inside it)."""
+    saved = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def stage_run(cfg: Config, stage: str, name: str | None = None) -> Iterator[str]:
     """Open an MLflow run for one stage and yield its id; FINISHED on success, FAILED on an exception. `name` is
     what the runs table shows (default: run_name).
@@ -266,20 +280,16 @@ def stage_run(cfg: Config, stage: str, name: str | None = None) -> Iterator[str]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         c.log_batch(run_id, params=items[start:start + 100])
     c.log_batch(run_id, tags=[RunTag("config_yaml", cfg.to_yaml()[:MAX_TAG_VALUE])])
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
     status = "FAILED"
     try:
-        yield run_id
+        with environ_restored("MLFLOW_TRACKING_URI"):
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            yield run_id
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
         c.set_terminated(run_id, status=status)
 
 
@@ -287,16 +297,9 @@ def stage_run(cfg: Config, stage: str, name: str | None = None) -> Iterator[str]
 def pipeline_run(cfg: Config, stage: str = "pipeline", name: str | None = None) -> Iterator[str]:
     """The parent run of a whole pipeline (or of a study, or of one of its settings): runs opened inside become its
     children."""
-    with stage_run(cfg, stage, name) as run_id:
-        previous = os.environ.get(PARENT_ENV)
+    with stage_run(cfg, stage, name) as run_id, environ_restored(PARENT_ENV):
         os.environ[PARENT_ENV] = run_id
-        try:
-            yield run_id
-        finally:
-            if previous is None:
-                os.environ.pop(PARENT_ENV, None)
-            else:
-                os.environ[PARENT_ENV] = previous
+        yield run_id
 
 
 def run_url(run_id: str, tracking_uri: str | None = None) -> str:
@@ -407,18 +410,13 @@ def _mlflow_globals(uri: str, experiment_id: str) -> Iterator[None]:
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved_global = tracking_utils._tracking_uri
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    tracking_utils.set_tracking_uri(uri)
-    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    try:
-        yield
-    finally:
-        tracking_utils.set_tracking_uri(saved_global)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with environ_restored("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        tracking_utils.set_tracking_uri(uri)
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+        try:
+            yield
+        finally:
+            tracking_utils.set_tracking_uri(saved_global)
 
 
 def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str, config_yaml: str, *,
@@ -470,7 +468,7 @@ def register_model(run_id: str, name: str, files: Mapping[str, str], alias: str,
 
 __all__ = [
     "tracking_uri", "artifact_location", "client", "stage_run", "pipeline_run", "run_url", "experiment_url",
-    "ui_command", "run_name", "experiment_tags",
+    "ui_command", "run_name", "experiment_tags", "environ_restored",
     "log_metrics", "log_image", "log_artifact", "log_figure", "register_model", "SafetensorsBundle",
     "flatten_params", "lineage_tags", "git_commit", "dvc_lock_hash", "prefect_flow_run_id", "PARENT_ENV",
     "FLOW_RUN_ENV", "STAGE1_RUN_TAG",
