@@ -46,7 +46,7 @@ EXECUTION_ONLY = ("tracking", "ray")  # sections that never change a number
 QUICK = (
     "stage1.total_samples=4096", "stage1.warmup_samples=512", "stage1.log_every_samples=1024",
     "stage1.ckpt_every_samples=2048", "stage1.ema_halflife_samples=512",
-    "stage2.total_samples=2048", "stage2.warmup_samples=512", "stage2.log_every_samples=1024",
+    "stage2.total_samples=4096", "stage2.warmup_samples=512", "stage2.log_every_samples=1024",
     "stage2.ckpt_every_samples=1024", "stage2.ema_halflife_samples=512",
     "eval.num_samples=100", "eval.reference_samples=100", "eval.base_steps=16", "eval.decoder_steps=16",
 )
