@@ -74,7 +74,10 @@ class ModelConfig:
     logsnr_min: float = -15.0  # λ(1) of the prior and base-model schedules
     decoder_logsnr_min: float = -15.0  # λ_x(1)
     decoder_logsnr_max: float = 15.0  # λ_x(0)
-    decoder_shift: float = 0.0  # resolution shift of the decoder's cosine schedule (simple diffusion)
+    # resolution shift of the decoder's cosine schedule: simple diffusion's 2 log(64 / resolution), 1.39 at the tiny
+    # 32². Measured (tiny, N = 200): PSNR 20.47 vs 20.23 dB, rFID 188.3 vs 203.1, gFID 257.6 vs 264.9 against 0;
+    # held-out EMA PSNR (one process, 32 DDIM steps) 19.48 / 19.73 / 20.10 / 19.97 dB at shift -1.39 / 0 / 1.39 / 2.77
+    decoder_shift: float = 2 * math.log(64 / 32)
     in_channels: int = 3  # image channels
     num_classes: int = 10  # class labels; index num_classes is the null class for guidance
     latent_channels: int = 4  # channels of z_clean

@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "patch_size": 2, "encoder_channels": (128, 256, 512), "encoder_blocks": 2,
                   "prior_width": 1024, "prior_depth": 8, "decoder_channels": (128, 256, 512),
                   "decoder_blocks": 2, "decoder_width": 1024, "decoder_depth": 8,
+                  "decoder_shift": 2 * math.log(64 / 128),
                   "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
         "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
                    "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
