@@ -20,7 +20,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # DDIM steps: 12.13 / 11.58 / 10.47 dB; measured one process, 1 thread, load shared alike)
         "stage1": {"batch_size": 4, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16,
-                   # EMA: the images' 512 gave 14.21 dB but at 0.023 bits/pixel (12.37 at 0.101 here): a collapsing latent
+                   # EMA: the images' 512 gave 14.21 dB but at 0.023 bits/pixel (12.37 at 0.101 here):
+                   # the latent collapses
                    "ema_halflife_samples": 1024},
         "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16},
