@@ -190,3 +190,22 @@ def test_activation_checkpointing_does_not_change_the_run_identity():
     assert run_digest(plain, SPEC, "data") == run_digest(
         load_config(None, ["stage1.activation_checkpointing=true"]), SPEC, "data")
     assert run_digest(plain, SPEC, "data") != run_digest(load_config(None, ["stage1.lr=0.01"]), SPEC, "data")
+
+
+def test_final_numbers_reuse_the_last_reports_monitor_and_compute_them_when_the_fit_reported_none(tmp_path):
+    import dataclasses
+
+    from ulcore.train.loop import FitResult, final_monitor
+    from ulcore.train.stage1 import SPEC, Stage1Objective
+
+    cfg = load_config(None, [*SMOKE, f"storage.root={tmp_path}"])
+    calls = []
+    spec = dataclasses.replace(SPEC, monitor=lambda *args: calls.append(args[2]) or {"ema_psnr": 1.0})
+    ema = Stage1Objective(cfg)
+    last = {"loss": 3.0, "samples": 64, "ema_psnr": 17.5, "ema_bits_per_pixel": 0.2}
+    assert final_monitor(cfg, spec, ema, FitResult(tmp_path, last), 64, None) == {"ema_psnr": 17.5,
+                                                                                   "ema_bits_per_pixel": 0.2}
+    assert calls == []
+    assert final_monitor(cfg, spec, ema, FitResult(tmp_path, {}), 64, None) == {"ema_psnr": 1.0}  # already complete
+    assert final_monitor(cfg, spec, ema, FitResult(tmp_path, {**last, "samples": 32}), 64, None) == {"ema_psnr": 1.0}
+    assert calls == [64, 64]

@@ -321,6 +321,17 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None,
 
 
 
+def final_monitor(cfg: Config, spec: StageSpec, ema: nn.Module, fitted: FitResult, samples: int,
+                  run_id: str | None) -> dict[str, float]:
+    """The EMA monitor's numbers at the final checkpoint. Rank 0 computed them for its last report, on the EMA
+    weights that checkpoint holds, with the monitor's fixed seeds: reused rather than recomputed (seconds per stage
+    on a CPU). Computed here when the fit reported none for these samples (the run was already complete)."""
+    reported = {k: float(v) for k, v in fitted.metrics.items() if k.startswith("ema_")}
+    if reported and int(fitted.metrics.get("samples", -1)) == samples:
+        return reported
+    return spec.monitor(cfg, ema, samples, run_id, tracking.tracking_uri(cfg))
+
+
 def input_digest(uri: str, what: str) -> str:
     """Content hash of a stage's input manifest (without its run statistics: shards.content_digest); a clear
     error when the upstream stage has not run."""
@@ -356,8 +367,8 @@ def run_training_stage(cfg: Config, spec: StageSpec, *, inputs: str,
         ema.load_state_dict(state["ema"])
         ema.eval()
         # final numbers are the EMA model's on held-out data: metrics/<stage>.json drops the ema_ prefix
-        metrics = {k.removeprefix("ema_"): v for k, v in
-                   spec.monitor(cfg, ema, int(state["samples"]), run_id, tracking.tracking_uri(cfg)).items()}
+        metrics = {k.removeprefix("ema_"): v for k, v in final_monitor(cfg, spec, ema, fitted, int(state["samples"]),
+                                                                       run_id).items()}
         metrics.update(samples=int(state["samples"]), steps=int(state["step"]),
                        wall_seconds=time.perf_counter() - started,
                        **{k: int(fitted.metrics.get(k, 0)) for k in DATA_ERROR_KEYS})
