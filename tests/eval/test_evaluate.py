@@ -39,9 +39,16 @@ def test_run_evaluate_writes_metrics_plots_grids_and_skips_reruns(tmp_path, gray
     _models(cfg)
     result = run_evaluate(cfg)
 
-    for key in ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior",
+    for key in ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "psnr_unrelated", "ssim", "bits_per_pixel_prior",
                 "bits_per_pixel_base", "bits_per_subpixel_prior", "bits_per_subpixel_base"):
         assert isinstance(result[key], float) and np.isfinite(result[key]), key
+    # PSNR's floor: each held-out image against its batch neighbour (batches of 3 and 1: the lone image has none)
+    from ulcore.data import loaders
+
+    held_out = next(loaders.eval_batches(loaders.shard_uris(cfg, "images", cfg.data.splits[-1]), batch_size=3,
+                                         kind="images"))["x"].double().numpy()
+    mse = ((held_out - np.roll(held_out, 1, axis=0)) ** 2).reshape(3, -1).mean(axis=1)
+    assert result["psnr_unrelated"] == pytest.approx(np.mean(10 * np.log10(255.0**2 / mse)), rel=1e-5)
     assert result["chroma_real"] == 0.0  # greyscale data stored as RGB
     assert result["chroma_reconstructed"] > 0 and result["chroma_samples"] > 0  # random nets: coloured noise
     for which in ("prior", "base"):  # per sub-pixel = per pixel / 3 RGB channels

@@ -19,6 +19,9 @@ phases that compute the statistics are in phases.py):
   sample i seeded by sample_seeds(eval.seed + 9, i): UL §3.3 says the base model samples better than the prior.
 - chroma_real / chroma_reconstructed / chroma_samples: image_metrics.chroma (mean std across the colour channels,
   0-255) of the held-out images, their reconstructions and the gFID samples: colour a greyscale dataset never has.
+- psnr_unrelated: PSNR of each held-out image (clip) against the next one in its batch - what a reconstruction that
+  kept nothing of its input scores, PSNR's counterpart of the FID floor: a `psnr` near it means the latent carries
+  little of the image.
 - FID floor: FID between the first `num_samples` training images and the rFID reference images - real vs real at
   the N of gFID, the best a generator can score there (reference.fid_floor; cached with the references).
 - num_samples < 10000 is a *monitoring* evaluation: FID is biased upwards at small N and is not comparable to
@@ -58,9 +61,9 @@ from ulcore.eval.reference import Reference, fid_floor, floor_reference, splits
 from ulcore.models import load_stage1, load_stage2, stage1_root, stage2_root
 from ulcore.runtime import compute_device
 
-METRIC_KEYS = ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "ssim", "bits_per_pixel_prior", "bits_per_pixel_base",
-               "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd", "chroma_real", "chroma_reconstructed",
-               "chroma_samples")
+METRIC_KEYS = ("gfid", "gfid_prior", "fid_floor", "rfid", "psnr", "psnr_unrelated", "ssim", "bits_per_pixel_prior",
+               "bits_per_pixel_base", "bits_per_subpixel_prior", "bits_per_subpixel_base", "fvd", "chroma_real",
+               "chroma_reconstructed", "chroma_samples")
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ def summarise(cfg: Config, protocol: EvalProtocol, nets: FeatureNets, rec: Recon
         fvd_value = fid_from_stats(rec.i3d_real, pred.i3d)
     result: dict[str, Any] = {
         "gfid": gfid, "fid_floor": floor, "rfid": fid_from_stats(val_ref.stats, rec.reconstructed),
-        "psnr": rec.psnr, "ssim": rec.ssim,
+        "psnr": rec.psnr, "psnr_unrelated": rec.psnr_unrelated, "ssim": rec.ssim,
         "chroma_real": rec.chroma_real, "chroma_reconstructed": rec.chroma_reconstructed,
         "chroma_samples": gen.chroma if gen is not None else None,
         "bits_per_pixel_prior": rec.bits_per_pixel_prior, "bits_per_pixel_base": rec.bits_per_pixel_base,

@@ -53,6 +53,7 @@ class FeatureNets:
 class Reconstruction:
     num_images: int
     psnr: float | None
+    psnr_unrelated: float | None  # each held-out image against its batch neighbour: a reconstruction that kept nothing
     ssim: float | None
     chroma_real: float | None  # image_metrics.chroma: colour the held-out images have (0 when grey)
     chroma_reconstructed: float | None  # ... and their reconstructions
@@ -134,10 +135,12 @@ def _batches(uris: list[str], protocol: EvalProtocol) -> Iterator[dict]:
 def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, nets: FeatureNets,
                          held_out: list[str], *, real_stats: bool) -> Reconstruction:
     """The first N held-out images, reconstructed with seed protocol.reconstruction_seed (decoder_steps, sampler):
-    PSNR / SSIM per image, the prior's and the base model's bitrate (docs/method.md (M9)), FID (and I3D) features."""
+    PSNR / SSIM per image (and PSNR of each image against its batch neighbour, the score of a reconstruction that
+    kept nothing of its input), the prior's and the base model's bitrate (docs/method.md (M9)), FID (and I3D)
+    features."""
     p, stage1, stage2, i3d = protocol, models.stage1, models.stage2, nets.i3d
     real, rec, i3d_real, i3d_rec = RunningStats(), RunningStats(), RunningStats(), RunningStats()
-    psnrs, ssims, bpp_prior, bpp_base, grid_real, grid_rec = [], [], [], [], [], []
+    psnrs, unrelated, ssims, bpp_prior, bpp_base, grid_real, grid_rec = [], [], [], [], [], [], []
     chroma_real, chroma_rec = [], []
     n = 0
     for start, batch in take(_batches(held_out, p), p.num_samples):
@@ -146,6 +149,8 @@ def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, ne
         rec_u8 = to_uint8(reconstruct(stage1, x, seed=p.reconstruction_seed, steps=p.decoder_steps,
                                       sampler=p.sampler, indices=range(start, start + x.shape[0]))).cpu()
         psnrs.append(psnr(rec_u8, x_u8))
+        if x_u8.shape[0] > 1:
+            unrelated.append(psnr(x_u8.roll(1, dims=0), x_u8))
         ssims.append(ssim(rec_u8, x_u8))
         chroma_real.append(chroma(x_u8))
         chroma_rec.append(chroma(rec_u8))
@@ -164,8 +169,8 @@ def reconstruction_phase(cfg: Config, models: Models, protocol: EvalProtocol, ne
         _progress("reconstructions", n, p.num_samples)
     channels = cfg.model.in_channels
     return Reconstruction(
-        num_images=n, psnr=_mean(psnrs), ssim=_mean(ssims), chroma_real=_mean(chroma_real),
-        chroma_reconstructed=_mean(chroma_rec), bits_per_pixel_prior=_mean(bpp_prior),
+        num_images=n, psnr=_mean(psnrs), psnr_unrelated=_mean(unrelated), ssim=_mean(ssims),
+        chroma_real=_mean(chroma_real), chroma_reconstructed=_mean(chroma_rec), bits_per_pixel_prior=_mean(bpp_prior),
         bits_per_pixel_base=_mean(bpp_base),
         bits_per_subpixel_prior=_mean([bits_per_subpixel(b, channels) for b in bpp_prior]),
         bits_per_subpixel_base=_mean([bits_per_subpixel(b, channels) for b in bpp_base]),
