@@ -320,7 +320,6 @@ def fit(cfg: Config, spec: StageSpec, *, digest: str, run_id: str | None,
     return FitResult(Path(result.checkpoint.to_directory(str(local))), dict(result.metrics or {}))
 
 
-
 def final_monitor(cfg: Config, spec: StageSpec, ema: nn.Module, fitted: FitResult, samples: int,
                   run_id: str | None) -> dict[str, float]:
     """The EMA monitor's numbers at the final checkpoint. Rank 0 computed them for its last report, on the EMA
