@@ -133,8 +133,8 @@ def test_experiment_opens_as_model_training_with_review_columns_and_named_runs(c
     assert view["selectedColumns"] == view["columnOrder"] == [
         "attributes.`Duration`", "metrics.`bits_per_pixel_prior`", "metrics.`psnr`", "metrics.`gfid`",
         "metrics.`rfid`"]
-    assert c.get_run(parent).info.run_name == "pipeline tiny c_lf=5.0 b=2"
-    assert c.get_run(run_id).info.run_name == "stage1 tiny c_lf=5.0 b=2"
+    assert c.get_run(parent).info.run_name == "pipeline tiny c_lf=8.0 b=2"
+    assert c.get_run(run_id).info.run_name == "stage1 tiny c_lf=8.0 b=2"
     assert tracking.experiment_url(cfg) == (f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
                                             "?workflowType=machine_learning&viewStateShareKey=ul-review")
     assert tracking.run_url(run_id).endswith(f"/runs/{run_id}?workflowType=machine_learning")

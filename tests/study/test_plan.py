@@ -19,9 +19,9 @@ def test_settings_sweep_then_compare_lambda0_with_duplicates_run_once():
     assert got[0].stages == ("stage1", "evaluate") and got[3].stages == ("stage1", "encode", "stage2", "evaluate")
     cfg = load_config(None, got[4].overrides)
     assert (cfg.stage1.loss_factor, cfg.model.logsnr_0, cfg.eval.prior_gfid) == (3.0, 10.0, True)
-    other = plan.settings(load_config(None, []))  # tiny's c_lf 5 lies outside the sweep: one more setting
-    assert len(other) == 6 and [s.slug for s in other if s.stage2] == ["clf5_lambda5"]
-    assert other[-1].slug == "clf5_lambda10"
+    other = plan.settings(load_config(None, []))  # tiny's c_lf 8 lies outside the sweep: one more setting
+    assert len(other) == 6 and [s.slug for s in other if s.stage2] == ["clf8_lambda5"]
+    assert other[-1].slug == "clf8_lambda10"
     with pytest.raises(ConfigError, match="each needs at least one value"):
         plan.settings(load_config(None, []), loss_factors=())
 

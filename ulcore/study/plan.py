@@ -34,7 +34,7 @@ from ulcore import layout, storage
 from ulcore.config import Config, ConfigError
 from ulcore.data.shards import content_digest
 
-LOSS_FACTORS = (1.3, 1.7, 2.1, 3.0)  # UL Table 2 sweeps 1.3-2.1; 3.0 and the preset's c_lf (tiny: 5.0, run by the
+LOSS_FACTORS = (1.3, 1.7, 2.1, 3.0)  # UL Table 2 sweeps 1.3-2.1; 3.0 and the preset's c_lf (tiny: 8.0, run by the
 # λ(0) settings) extend it
 LOGSNR_0S = (5.0, 10.0)  # UL Table 6: the baseline's λ(0) = 5 and ablation B's λ(0) = 10
 SHARED_STAGES = ("raw_manifest", "shard", "reference")
