@@ -32,6 +32,18 @@ def _train(root: Path, **popen) -> subprocess.Popen:
                             start_new_session=True, **popen)
 
 
+def _kill_with_its_ray(proc: subprocess.Popen) -> None:
+    """SIGKILL the training process and wait until every process under it (its local Ray: raylet, workers) is gone:
+    a Train worker that outlives its driver by a moment can store one more checkpoint."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for straggler in psutil.wait_procs(tree, timeout=30)[1]:
+        straggler.kill()
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     import ray
@@ -45,8 +57,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
         assert first.poll() is None, f"training ended before its second checkpoint:\n{first.stdout.read()}"
         assert time.monotonic() < deadline, "no second checkpoint within 300 s"
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=30)
+    _kill_with_its_ray(first)
     saved = sorted((int(json.loads(p.read_text())["samples"]), p.parent)
                    for p in (tmp_path / "checkpoints").glob("stage1-*/*/meta.json"))
     (newest, broken), (resumed_from, _) = saved[-1], saved[-2]
