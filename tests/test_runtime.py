@@ -89,3 +89,14 @@ def test_local_runs_ignore_other_and_dead_clusters_and_named_ones_fail_fast():
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_driver_settings_are_ones_ray_train_hands_to_its_controller_and_workers():
+    """DRIVER_ENV works only through Ray Train's list of variables it copies from the driver (the poll interval, the
+    print patch): a Ray upgrade that renames one would make the setting silently do nothing."""
+    from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, ENV_VARS_TO_PROPAGATE
+
+    from ulcore.runtime import DRIVER_ENV
+
+    assert set(DRIVER_ENV) <= ENV_VARS_TO_PROPAGATE, set(DRIVER_ENV) - ENV_VARS_TO_PROPAGATE
+    assert 0 < float(DRIVER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) < DEFAULT_HEALTH_CHECK_INTERVAL_S
