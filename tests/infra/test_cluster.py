@@ -347,9 +347,25 @@ def _small_stage1(folder: Path, root: str, monkeypatch) -> Any:
     return cfg
 
 
-def _stage1_until_a_checkpoint(cfg: Any) -> tuple[threading.Thread, list[str], dict[str, Any]]:
-    """Submit Stage 1 from a thread and return once its first checkpoint is on S3."""
+def _intact_checkpoints(root: str) -> list[str]:
+    """Checkpoint folders under `root` whose state.pt is all there: Ray Train uploads a checkpoint's files in no
+    set order, so meta.json can be on S3 while state.pt is still on its way."""
     from ulcore import storage
+    from ulcore.train.checkpoint import META_FILE, CorruptCheckpointError, check_checkpoint
+
+    intact = []
+    for meta_uri in storage.list_uris(f"{root}/checkpoints", suffix=META_FILE):
+        folder = meta_uri[: -len(META_FILE) - 1]
+        try:
+            check_checkpoint(folder)
+        except CorruptCheckpointError:
+            continue
+        intact.append(folder)
+    return intact
+
+
+def _stage1_until_a_checkpoint(cfg: Any) -> tuple[threading.Thread, list[str], dict[str, Any]]:
+    """Submit Stage 1 from a thread and return once its first checkpoint is on S3, whole."""
     from ulcore.jobs import submit_stage
 
     lines: list[str] = []
@@ -364,7 +380,7 @@ def _stage1_until_a_checkpoint(cfg: Any) -> tuple[threading.Thread, list[str], d
     thread = threading.Thread(target=submit)
     thread.start()
     deadline = time.monotonic() + 600
-    while not storage.list_uris(f"{cfg.storage.root}/checkpoints", suffix="meta.json"):
+    while not _intact_checkpoints(cfg.storage.root):
         assert time.monotonic() < deadline and thread.is_alive(), "\n".join(lines[-40:])
         time.sleep(1)
     return thread, lines, result
