@@ -76,7 +76,7 @@ LOCAL_RAY_ENV = {
 # too. The print patch sends a worker's print both to stdout and to its logger when stdout is wrapped (it is, in a
 # Ray worker), so every status line arrived twice. The controller sleeps a health-check interval (2 s by default)
 # between steps of its state machine, start and end included: at 0.25 s a fit of 4 tiny steps took 13.9 s instead
-# of 18.2 (same machine, one run each; 0.1 s gave 14.3), and a lost worker is noticed sooner.
+# of 18.2 (same machine, back to back; 0.5 s gave 15.3, 0.1 s 14.3), and a lost worker is noticed sooner.
 DRIVER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 LOCAL_OBJECT_STORE_BYTES = 2**30  # the default (30 % of RAM) is far more than sharding or tiny training needs
 REACH_TIMEOUT_S = 10.0  # a named cluster's head must accept a TCP connection within this
