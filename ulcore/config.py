@@ -96,6 +96,8 @@ class ModelConfig:
     dropout: float = 0.0  # decoder / base-model dropout (paper: 0.1)
     frames: int = 1  # 1 = images; >1 = video clips of this many frames
     temporal_downsample: int = 1  # video: frames per latent frame (paper: 4)
+    temporal_kernel: int = 3  # video: time extent of the encoder's and decoder's convs (1 = per-frame convs; a
+    # downsample that halves time keeps 3); time is then mixed by those downsamples and the transformers
 
     @property
     def downsample(self) -> int:
@@ -471,6 +473,8 @@ def validate(cfg: Config) -> None:
         _check(m.frames == cfg.video.frames, "model.frames", m.frames, f"must equal video.frames = {cfg.video.frames}")
         _check(m.frames % m.temporal_downsample == 0, "model.temporal_downsample", m.temporal_downsample,
                f"must divide model.frames = {m.frames}")
+        _check(m.temporal_kernel >= 1 and m.temporal_kernel % 2 == 1, "model.temporal_kernel", m.temporal_kernel,
+               "must be an odd number >= 1 (a 'same' convolution along time)")
     _check(cfg.video.frames >= 1, "video.frames", cfg.video.frames, "must be >= 1")
     _check(cfg.video.fps > 0, "video.fps", cfg.video.fps, "must be > 0")
     _check(cfg.video.ffmpeg_timeout_s > 0, "video.ffmpeg_timeout_s", cfg.video.ffmpeg_timeout_s, "must be > 0")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -26,6 +27,23 @@ def test_encoder_shape(m):
 def test_encoder_other_resolution():
     m = model_config("tiny")
     assert build_encoder(m)(pixels(m, 1, resolution=64)).shape == (1, m.latent_channels, 16, 16)
+
+
+@pytest.mark.parametrize("temporal_kernel", [1, 3])
+def test_temporal_kernel_sets_every_video_conv_but_a_time_halving_one(temporal_kernel):
+    """model.temporal_kernel is the time extent of every encoder and decoder conv; the encoder's downsample that
+    halves time keeps 3 frames, so no frame is skipped (stride 2 over a 1-frame kernel would drop every other)."""
+    m = dataclasses.replace(model_config("tiny-video"), temporal_kernel=temporal_kernel)
+    for net in (build_encoder(m), build_decoder(m)):
+        for name, module in net.named_modules():
+            if isinstance(module, torch.nn.Conv3d):
+                if module.stride[0] == 2:  # halves time
+                    expected = max(temporal_kernel, 3)
+                else:  # 1×1×1 skips stay pointwise
+                    expected = 1 if module.kernel_size[1] == 1 else temporal_kernel
+                assert module.kernel_size[0] == expected, name
+                assert module.padding[0] == expected // 2, name
+    assert any(isinstance(mod, torch.nn.Conv3d) and mod.stride[0] == 2 for mod in build_encoder(m).modules())
 
 
 def test_encoder_rejects_wrong_layout(m):

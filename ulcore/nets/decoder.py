@@ -13,9 +13,10 @@ z_0 enters twice (docs/method.md §10, D4): linearly projected and added to the 
 and nearest-upsampled to the patched input resolution and concatenated to the patched x_t. The decoder has
 no class conditioning (the paper's decoder is not text/class conditioned).
 
-Video (m.frames > 1): the same net with 3D convs; the decoder keeps full temporal resolution (patch and
-downsampling are spatial only) and its transformer attends over all (T, h, w) tokens; z_0's coarser time
-axis is nearest-upsampled like its spatial axes.
+Video (m.frames > 1): the same net with 3D convs, m.temporal_kernel frames wide (1: per-frame convs, time mixed
+by the transformer alone); the decoder keeps full temporal resolution (patch and downsampling are spatial only)
+and its transformer attends over all (T, h, w) tokens; z_0's coarser time axis is nearest-upsampled like its
+spatial axes.
 """
 
 from __future__ import annotations
@@ -49,15 +50,16 @@ class UViTDecoder(nn.Module):
         patched = m.in_channels * math.prod(self.patch)
 
         self.noise = NoiseEmbedding(cond_dim)
-        self.stem = conv(self.dims, patched + m.latent_channels, chans[0])
+        tk = m.temporal_kernel
+        self.stem = conv(self.dims, patched + m.latent_channels, chans[0], temporal_kernel=tk)
         self.down = nn.ModuleList()
         skip_chans = []
         for i, c in enumerate(chans):
             for _ in range(m.decoder_blocks):
-                self.down.append(ResBlock(self.dims, c, c, cond_dim, m.dropout))
+                self.down.append(ResBlock(self.dims, c, c, cond_dim, m.dropout, tk))
                 skip_chans.append(c)
             if i + 1 < len(chans):
-                self.down.append(Downsample(self.dims, c, chans[i + 1], down))
+                self.down.append(Downsample(self.dims, c, chans[i + 1], down, tk))
 
         self.to_tokens = nn.Linear(chans[-1], width)
         self.z_tokens = nn.Linear(m.latent_channels, width)
@@ -71,11 +73,11 @@ class UViTDecoder(nn.Module):
         for i in reversed(range(len(chans))):
             c = chans[i]
             for _ in range(m.decoder_blocks):
-                self.up.append(ResBlock(self.dims, c + skip_chans.pop(), c, cond_dim, m.dropout))
+                self.up.append(ResBlock(self.dims, c + skip_chans.pop(), c, cond_dim, m.dropout, tk))
             if i > 0:
-                self.up.append(Upsample(self.dims, c, chans[i - 1], down))
+                self.up.append(Upsample(self.dims, c, chans[i - 1], down, tk))
         self.out_norm = nn.GroupNorm(group_count(chans[0]), chans[0])
-        self.out = zero_(conv(self.dims, chans[0], patched))
+        self.out = zero_(conv(self.dims, chans[0], patched, temporal_kernel=tk))
 
     def forward(self, x_t: torch.Tensor, logsnr: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
         check_input(x_t, self.dims, self.in_channels, "decoder x_t")

@@ -10,6 +10,7 @@ conv is initialised so that z_clean starts with std ≈ 1, i.e. well above the f
 Video (m.frames > 1): the same net with 3D convolutions. The temporal factor m.temporal_downsample is spread
 over the stage transitions, 2× at each of the first ones while it stays divisible by 2; whatever is left (an
 odd factor, or more than the stages can take) becomes a temporal patch size in the space-to-depth step.
+The convs are m.temporal_kernel frames wide (1: per frame), but a downsample that halves time spans 3 frames.
 """
 
 from __future__ import annotations
@@ -55,15 +56,16 @@ class Encoder(nn.Module):
         else:
             self.patch = (p, p)
             stage_factors = [(2, 2)] * (len(chans) - 1)
-        self.stem = conv(self.dims, m.in_channels * math.prod(self.patch), chans[0])
+        tk = m.temporal_kernel
+        self.stem = conv(self.dims, m.in_channels * math.prod(self.patch), chans[0], temporal_kernel=tk)
         self.stages = nn.ModuleList()
         for i, c in enumerate(chans):
-            stage = nn.Sequential(*[ResBlock(self.dims, c, c) for _ in range(m.encoder_blocks)])
+            stage = nn.Sequential(*[ResBlock(self.dims, c, c, temporal_kernel=tk) for _ in range(m.encoder_blocks)])
             if i + 1 < len(chans):
-                stage.append(Downsample(self.dims, c, chans[i + 1], stage_factors[i]))
+                stage.append(Downsample(self.dims, c, chans[i + 1], stage_factors[i], tk))
             self.stages.append(stage)
         self.out_norm = nn.GroupNorm(group_count(chans[-1]), chans[-1])
-        self.out = conv(self.dims, chans[-1], m.latent_channels)
+        self.out = conv(self.dims, chans[-1], m.latent_channels, temporal_kernel=tk)
         # std(z) ≈ 1 at init: inputs to the last conv are SiLU(N(0,1)) with E[SiLU(u)²] ≈ 0.356, so the weights
         # get variance 1 / (0.356 · fan_in).
         fan_in = self.out.weight[0].numel()

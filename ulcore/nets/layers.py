@@ -37,10 +37,14 @@ def group_count(channels: int, max_groups: int = 32) -> int:
     return 1
 
 
-def conv(dims: int, c_in: int, c_out: int, kernel: int = 3, stride: Sequence[int] | int = 1) -> nn.Module:
-    """A 'same' convolution in 2 or 3 dimensions; `stride` may differ per axis (time vs space)."""
-    cls = nn.Conv2d if dims == 2 else nn.Conv3d
-    return cls(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
+def conv(dims: int, c_in: int, c_out: int, kernel: int = 3, stride: Sequence[int] | int = 1,
+         temporal_kernel: int | None = None) -> nn.Module:
+    """A 'same' convolution in 2 or 3 dimensions; `stride` may differ per axis (time vs space). In 3 dimensions
+    `temporal_kernel` (default: `kernel`) is the kernel's extent along time: 1 makes it a per-frame convolution."""
+    if dims == 2:
+        return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2)
+    t = kernel if temporal_kernel is None else temporal_kernel
+    return nn.Conv3d(c_in, c_out, (t, kernel, kernel), stride=stride, padding=(t // 2, kernel // 2, kernel // 2))
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -185,14 +189,15 @@ class ResBlock(RecomputableBlock):
     everything keeps PyTorch's default init.
     """
 
-    def __init__(self, dims: int, c_in: int, c_out: int, cond_dim: int = 0, dropout: float = 0.0):
+    def __init__(self, dims: int, c_in: int, c_out: int, cond_dim: int = 0, dropout: float = 0.0,
+                 temporal_kernel: int = 3):
         super().__init__()
         self.norm1 = nn.GroupNorm(group_count(c_in), c_in)
-        self.conv1 = conv(dims, c_in, c_out)
+        self.conv1 = conv(dims, c_in, c_out, temporal_kernel=temporal_kernel)
         self.norm2 = nn.GroupNorm(group_count(c_out), c_out, affine=cond_dim == 0)
         self.film = zero_(nn.Linear(cond_dim, 2 * c_out)) if cond_dim else None
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv(dims, c_out, c_out)
+        self.conv2 = conv(dims, c_out, c_out, temporal_kernel=temporal_kernel)
         if cond_dim:
             zero_(self.conv2)
         self.skip = conv(dims, c_in, c_out, kernel=1) if c_in != c_out else nn.Identity()
@@ -209,23 +214,25 @@ class ResBlock(RecomputableBlock):
 
 
 class Downsample(nn.Module):
-    """Strided 3×3(×3) conv; `factors` per axis, e.g. (2, 2) for images, (1, 2, 2) or (2, 2, 2) for video."""
+    """Strided 3×3(×3) conv; `factors` per axis, e.g. (2, 2) for images, (1, 2, 2) or (2, 2, 2) for video. Along
+    time the kernel is `temporal_kernel` wide, but at least 3 where time is downsampled (so no frame is skipped)."""
 
-    def __init__(self, dims: int, c_in: int, c_out: int, factors: Sequence[int]):
+    def __init__(self, dims: int, c_in: int, c_out: int, factors: Sequence[int], temporal_kernel: int = 3):
         super().__init__()
-        self.conv = conv(dims, c_in, c_out, stride=tuple(factors))
+        t = max(temporal_kernel, 3) if dims == 3 and factors[0] > 1 else temporal_kernel
+        self.conv = conv(dims, c_in, c_out, stride=tuple(factors), temporal_kernel=t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Nearest upsampling by `factors` per axis, then a 3×3(×3) conv."""
+    """Nearest upsampling by `factors` per axis, then a 3×3(×`temporal_kernel`) conv."""
 
-    def __init__(self, dims: int, c_in: int, c_out: int, factors: Sequence[int]):
+    def __init__(self, dims: int, c_in: int, c_out: int, factors: Sequence[int], temporal_kernel: int = 3):
         super().__init__()
         self.factors = tuple(factors)
-        self.conv = conv(dims, c_in, c_out)
+        self.conv = conv(dims, c_in, c_out, temporal_kernel=temporal_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = [s * f for s, f in zip(x.shape[2:], self.factors)]
