@@ -10,7 +10,8 @@ the same run and dtype: MFU = achieved FLOP/s / peak FLOP/s. Steps draw their no
 from a generator on the nets' device (loop.step_generator); on CUDA each setting is also timed with the noise
 drawn on the CPU and copied over (`cpu-noise`, what the loop did before).
 
-CPU settings: the `tiny` preset (32², batch 64) and the imagenet512 networks at 64² (batch 4). CUDA settings:
+CPU settings: the `tiny` preset (32², batch 64), the `tiny-video` preset (batch 2 clips of 8 frames) with its
+per-frame convs and with 3×3×3 ones, and the imagenet512 networks at 64² (batch 4). CUDA settings:
 `tiny` at batch 256, and the imagenet512 and kinetics600 presets at their per-GPU batch (the global batch over 8
 GPUs), with and without activation recompute: the presets' memory notes come from these runs. A setting that
 runs out of device memory is reported as such. Figures are ratios measured in one run.
@@ -38,6 +39,8 @@ SMALL_AT_64PX = ["data.resolution=64", "data.root=/unused", "stage1.warmup_sampl
 # name -> (stage, preset, overrides, batch, precisions)
 CPU_SETTINGS = {
     "tiny": ("stage1", "tiny", ["stage1.batch_size=64"], 64, ("fp32", "bf16")),
+    "tiny-video": ("stage1", "tiny-video", [], 2, ("fp32", "bf16")),  # per-frame convs (model.temporal_kernel 1)
+    "tiny-video 3x3x3 convs": ("stage1", "tiny-video", ["model.temporal_kernel=3"], 2, ("fp32", "bf16")),
     "imagenet512-nets@64px": ("stage1", "imagenet512", SMALL_AT_64PX + ["stage1.batch_size=4"], 4, ("fp32", "bf16")),
 }
 GPU_SETTINGS = {
