@@ -56,10 +56,10 @@ class UViTDecoder(nn.Module):
         skip_chans = []
         for i, c in enumerate(chans):
             for _ in range(m.decoder_blocks):
-                self.down.append(ResBlock(self.dims, c, c, cond_dim, m.dropout, tk))
+                self.down.append(ResBlock(self.dims, c, c, cond_dim, m.dropout, temporal_kernel=tk))
                 skip_chans.append(c)
             if i + 1 < len(chans):
-                self.down.append(Downsample(self.dims, c, chans[i + 1], down, tk))
+                self.down.append(Downsample(self.dims, c, chans[i + 1], down, temporal_kernel=tk))
 
         self.to_tokens = nn.Linear(chans[-1], width)
         self.z_tokens = nn.Linear(m.latent_channels, width)
@@ -73,9 +73,10 @@ class UViTDecoder(nn.Module):
         for i in reversed(range(len(chans))):
             c = chans[i]
             for _ in range(m.decoder_blocks):
-                self.up.append(ResBlock(self.dims, c + skip_chans.pop(), c, cond_dim, m.dropout, tk))
+                self.up.append(ResBlock(self.dims, c + skip_chans.pop(), c, cond_dim, m.dropout,
+                                        temporal_kernel=tk))
             if i > 0:
-                self.up.append(Upsample(self.dims, c, chans[i - 1], down, tk))
+                self.up.append(Upsample(self.dims, c, chans[i - 1], down, temporal_kernel=tk))
         self.out_norm = nn.GroupNorm(group_count(chans[0]), chans[0])
         self.out = zero_(conv(self.dims, chans[0], patched, temporal_kernel=tk))
 

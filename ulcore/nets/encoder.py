@@ -62,7 +62,7 @@ class Encoder(nn.Module):
         for i, c in enumerate(chans):
             stage = nn.Sequential(*[ResBlock(self.dims, c, c, temporal_kernel=tk) for _ in range(m.encoder_blocks)])
             if i + 1 < len(chans):
-                stage.append(Downsample(self.dims, c, chans[i + 1], stage_factors[i], tk))
+                stage.append(Downsample(self.dims, c, chans[i + 1], stage_factors[i], temporal_kernel=tk))
             self.stages.append(stage)
         self.out_norm = nn.GroupNorm(group_count(chans[-1]), chans[-1])
         self.out = conv(self.dims, chans[-1], m.latent_channels, temporal_kernel=tk)
