@@ -24,7 +24,7 @@ def bare_loop(cfg, samples: int) -> float:
     """The reference: one process, no Ray, no DDP, no EMA/checkpoints; same objective, optimiser and loader."""
     torch.manual_seed(0)
     objective = stage1.Stage1Objective(cfg)
-    opt = torch.optim.AdamW(objective.parameters(), lr=cfg.stage1.lr)
+    opt = torch.optim.AdamW(objective.parameters(), lr=cfg.stage1.lr, fused=True)  # the optimiser the loop uses
     clipper = GradClipper(cfg.stage1.grad_clip_mode, cfg.stage1.grad_clip)
     batches = stage1.train_batches(cfg, cfg.stage1.batch_size, 0, 1, 0)
     next(batches)

@@ -48,7 +48,7 @@ def test_resolution_order_file_then_overrides(tmp_path):
     (["nosection.key=1"], "unknown section 'nosection'"),
     (["data.source=cifar"], "data.source = 'cifar': must be one of"),
     (["stage1.log_every_samples=100"], "stage1.log_every_samples = 100: must be a non-negative multiple of"),
-    (["ray.num_workers=3"], "stage1.batch_size = 32: must be divisible by ray.num_workers = 3"),
+    (["ray.num_workers=3"], "stage1.batch_size = 16: must be divisible by ray.num_workers = 3"),
     (["model.encoder_channels=5"], "model.encoder_channels = 5: expected a list of int"),
     (["data.random_flip=1"], "data.random_flip = 1: expected true or false"),
     (["loss_factor"], "expected section.key=value"),

@@ -11,7 +11,7 @@ from torch import nn
 
 from ulcore.nets import count_params, forward_flops
 from ulcore.nets.encoder import temporal_plan
-from ulcore.nets.layers import (NoiseEmbedding, depth_to_space, group_count, resize_nearest, sincos_position,
+from ulcore.nets.layers import (Attention, NoiseEmbedding, depth_to_space, group_count, resize_nearest, sincos_position,
                                 space_to_depth)
 
 
@@ -81,3 +81,30 @@ def test_count_params_and_forward_flops_closed_form():
     with torch.device("meta"):
         big = nn.Linear(4096, 4096)
     assert count_params(big) == 4096 * 4096 + 4096
+
+
+def _reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v with QK-norm, written out: what every SDPA backend must compute."""
+    b, n, d = x.shape
+    h = attn.heads
+    q, k, v = attn.qkv(x).reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("tokens", [64, 1100])  # the CPU's short-sequence branch and the long one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_and_its_gradient_equal_the_written_out_formula(tokens, dtype):
+    torch.manual_seed(0)
+    attn = Attention(32, heads=4)
+    x = torch.randn(2, tokens, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = attn(x)
+    (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+    want = _reference_attention(attn, x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype
+    assert (out.float() - want).abs().max() <= tol * want.abs().max()
+    assert (grad - want_grad).abs().max() <= tol * want_grad.abs().max()

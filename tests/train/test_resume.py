@@ -167,14 +167,21 @@ def test_resume_skips_a_truncated_checkpoint_on_s3(tmp_path, s3_bucket, capsys):
 
 
 def test_ema_starts_equal_and_follows_the_halflife():
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))  # several tensors, and buffers
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
     ema = EMA(model, halflife_samples=10)
-    assert torch.equal(ema.module.weight, model.weight)
+    assert all(torch.equal(e, p) for e, p in zip(ema.module.parameters(), model.parameters()))
     with torch.no_grad():
-        model.weight.fill_(1.0)
-    ema.update(model, batch_samples=10)  # one half-life: halfway to the model
-    assert ema.module.weight.item() == pytest.approx(0.5)
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[1].running_mean.fill_(3.0)
+    ema.update(model, batch_samples=10)  # one half-life: every parameter halfway to the model
+    for e in ema.module.parameters():
+        assert torch.allclose(e, torch.full_like(e, 0.5))
+    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)  # buffers are copied
+    ema.update(model, batch_samples=20)  # two half-lives: a quarter of the rest of the way left
+    assert all(torch.allclose(e, torch.full_like(e, 0.875)) for e in ema.module.parameters())
 
 
 def test_warmup_is_linear_in_samples_and_the_scheduler_follows_it():
