@@ -138,10 +138,10 @@ class Stage1Config(TrainConfig):
     ckpt_every_samples: int = 6144  # each checkpoint runs the EMA monitor (~3 s on tiny): two in a stage
     lr: float = 2e-3  # tiny runs are short: 256 steps at 2e-3 beat 1e-3 by ~1 dB PSNR (measured)
     loss_factor: float = 8.0  # c_lf on the decoder loss (paper: 1.3-2.1; tiny latents collapse below ~2). Held-out
-    # EMA PSNR after stage 1 (one process, 512 steps of 32), seeds 0 / 1 / 2: c_lf 8 20.77 / 20.42 / 20.54 dB at 0.24 / 0.23 / 0.25
-    # bits/pixel; c_lf 5 20.34 / 19.72 / 18.12 at 0.19 / 0.17 / 0.13 (the rate falls with the PSNR: the latent
-    # partly collapses). The demo (seed 0, N = 200): c_lf 8 vs 5 PSNR 21.17 vs 20.71 dB, rFID 177.2 vs 179.7, gFID
-    # 233.9 vs 233.8 (README "What the demo reaches")
+    # EMA PSNR after stage 1 (one process, 512 steps of 32), seeds 0 / 1 / 2: c_lf 8 20.77 / 20.42 / 20.54 dB at
+    # 0.24 / 0.23 / 0.25 bits/pixel; c_lf 5 20.34 / 19.72 / 18.12 at 0.19 / 0.17 / 0.13 (the rate falls with the PSNR:
+    # the latent partly collapses). The demo (seed 0, N = 200): c_lf 8 vs 5 PSNR 21.17 vs 20.71 dB, rFID 177.2 vs
+    # 179.7, gFID 233.9 vs 233.8 (README "What the demo reaches")
     decoder_bias: float = 2.0  # b in sigmoid(b - λ_x) (paper-scale default -3; +2 keeps tiny latents alive)
     ema_halflife_samples: int = 512  # tiny: the demo (N = 200) gave PSNR 20.71 vs 20.52 dB, rFID 179.7 vs 186.8, gFID
     # 233.8 vs 241.4 against 1,024; held-out EMA PSNR (one process) 20.34 / 20.10 / 19.56 dB at 512 / 1,024 / 2,048
