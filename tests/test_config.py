@@ -42,6 +42,7 @@ def test_resolution_order_file_then_overrides(tmp_path):
     (["stage1.loss_factor=abc"], "stage1.loss_factor = 'abc': expected a number"),
     (["stage2.eval_batch=0"], "stage2.eval_batch = 0: must be >= 1"),
     (["stage2.eval_steps=0"], "stage2.eval_steps = 0: must be >= 1"),
+    (["model.norm_groups=0"], "model.norm_groups = 0: must be >= 1"),
     (["data.resolution=34"], "data.resolution = 34: must be divisible by the encoder's downsampling factor 4"),
     (["preset=tiny-video", "model.temporal_kernel=2"], "model.temporal_kernel = 2: must be an odd number >= 1"),
     (["stage1.nope=1"], "stage1.nope: unknown key"),

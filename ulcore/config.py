@@ -98,6 +98,12 @@ class ModelConfig:
     temporal_downsample: int = 1  # video: frames per latent frame (paper: 4)
     temporal_kernel: int = 3  # video: time extent of the encoder's and decoder's convs (1 = per-frame convs; a
     # downsample that halves time keeps 3); time is then mixed by those downsamples and the transformers
+    # GroupNorm groups in the encoder's and decoder's conv blocks (at most: the largest divisor of each width). The
+    # usual GN(32) is one channel per group at the tiny width 32, an instance norm that erases each channel's per-image
+    # mean. Held-out EMA PSNR after stage 1 (one process), seeds 0 / 1 / 2: 21.19 / 21.29 / 21.68 dB with 8 groups
+    # against 20.87 / 20.95 / 21.16 with 32; per-image mean-colour error of the reconstructions on the grey data
+    # 1.8 / 2.3 / 1.7 against 3.8 / 3.9 / 4.4 (0-255); 1 and 4 groups as 8 (21.22, 21.21 dB at seed 0).
+    norm_groups: int = 8
 
     @property
     def downsample(self) -> int:
@@ -451,7 +457,7 @@ def validate(cfg: Config) -> None:
     _check(abs(m.decoder_shift) <= 10, "model.decoder_shift", m.decoder_shift, "must lie in [-10, 10]")
     for key in ("in_channels", "num_classes", "latent_channels", "patch_size", "encoder_blocks", "prior_width",
                 "prior_depth", "decoder_blocks", "decoder_width", "decoder_depth", "heads", "frames",
-                "temporal_downsample"):
+                "temporal_downsample", "norm_groups"):
         _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
     for key in ("encoder_channels", "decoder_channels", "base_widths", "base_depths"):
         value = getattr(m, key)

@@ -3,13 +3,15 @@ helpers against closed forms."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from ulcore.nets import count_params, forward_flops
+from tests.nets.netkit import model_config
+from ulcore.nets import build_decoder, build_encoder, count_params, forward_flops
 from ulcore.nets.encoder import temporal_plan
 from ulcore.nets.layers import (Attention, NoiseEmbedding, depth_to_space, group_count, resize_nearest, sincos_position,
                                 space_to_depth)
@@ -63,7 +65,18 @@ def test_noise_embedding_separates_close_logsnrs_across_the_range():
 
 
 def test_group_count_divides():
-    assert group_count(64) == 32 and group_count(48) == 24 and group_count(12) == 12 and group_count(7) == 7
+    assert group_count(64, 32) == 32 and group_count(48, 32) == 24 and group_count(12, 32) == 12
+    assert group_count(7, 32) == 7 and group_count(32, 8) == 8 and group_count(12, 8) == 6 and group_count(5, 1) == 1
+
+
+@pytest.mark.parametrize("preset,norm_groups", [("tiny", 1), ("tiny", 8), ("tiny", 32), ("tiny-video", 8)])
+def test_norm_groups_sets_every_groupnorm_of_the_encoder_and_decoder(preset, norm_groups):
+    m = dataclasses.replace(model_config(preset), norm_groups=norm_groups)
+    norms = [n for net in (build_encoder(m), build_decoder(m)) for n in net.modules() if isinstance(n, nn.GroupNorm)]
+    assert len(norms) >= 4 * len(m.encoder_channels)
+    for n in norms:
+        assert n.num_groups == group_count(n.num_channels, norm_groups) and n.num_channels % n.num_groups == 0
+    assert {n.num_channels // n.num_groups for n in norms if n.num_channels == 32} == {32 // min(32, norm_groups)}
 
 
 @pytest.mark.parametrize("factor,transitions,expected", [(4, 3, (1, [2, 2, 1])), (2, 1, (1, [2])),

@@ -50,13 +50,13 @@ class UViTDecoder(nn.Module):
         patched = m.in_channels * math.prod(self.patch)
 
         self.noise = NoiseEmbedding(cond_dim)
-        tk = m.temporal_kernel
+        tk, g = m.temporal_kernel, m.norm_groups
         self.stem = conv(self.dims, patched + m.latent_channels, chans[0], temporal_kernel=tk)
         self.down = nn.ModuleList()
         skip_chans = []
         for i, c in enumerate(chans):
             for _ in range(m.decoder_blocks):
-                self.down.append(ResBlock(self.dims, c, c, cond_dim, m.dropout, temporal_kernel=tk))
+                self.down.append(ResBlock(self.dims, c, c, cond_dim, m.dropout, temporal_kernel=tk, norm_groups=g))
                 skip_chans.append(c)
             if i + 1 < len(chans):
                 self.down.append(Downsample(self.dims, c, chans[i + 1], down, temporal_kernel=tk))
@@ -74,10 +74,10 @@ class UViTDecoder(nn.Module):
             c = chans[i]
             for _ in range(m.decoder_blocks):
                 self.up.append(ResBlock(self.dims, c + skip_chans.pop(), c, cond_dim, m.dropout,
-                                        temporal_kernel=tk))
+                                        temporal_kernel=tk, norm_groups=g))
             if i > 0:
                 self.up.append(Upsample(self.dims, c, chans[i - 1], down, temporal_kernel=tk))
-        self.out_norm = nn.GroupNorm(group_count(chans[0]), chans[0])
+        self.out_norm = nn.GroupNorm(group_count(chans[0], g), chans[0])
         self.out = zero_(conv(self.dims, chans[0], patched, temporal_kernel=tk))
 
     def forward(self, x_t: torch.Tensor, logsnr: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:

@@ -60,11 +60,12 @@ class Encoder(nn.Module):
         self.stem = conv(self.dims, m.in_channels * math.prod(self.patch), chans[0], temporal_kernel=tk)
         self.stages = nn.ModuleList()
         for i, c in enumerate(chans):
-            stage = nn.Sequential(*[ResBlock(self.dims, c, c, temporal_kernel=tk) for _ in range(m.encoder_blocks)])
+            stage = nn.Sequential(*[ResBlock(self.dims, c, c, temporal_kernel=tk, norm_groups=m.norm_groups)
+                                    for _ in range(m.encoder_blocks)])
             if i + 1 < len(chans):
                 stage.append(Downsample(self.dims, c, chans[i + 1], stage_factors[i], temporal_kernel=tk))
             self.stages.append(stage)
-        self.out_norm = nn.GroupNorm(group_count(chans[-1]), chans[-1])
+        self.out_norm = nn.GroupNorm(group_count(chans[-1], m.norm_groups), chans[-1])
         self.out = conv(self.dims, chans[-1], m.latent_channels, temporal_kernel=tk)
         # std(z) ≈ 1 at init: inputs to the last conv are SiLU(N(0,1)) with E[SiLU(u)²] ≈ 0.356, so the weights
         # get variance 1 / (0.356 · fan_in).

@@ -29,7 +29,7 @@ CPU_MATH_ATTENTION_TOKENS = 1024  # CPU training: sequences up to this length us
 LOGSNR_SCALE = 20.0  # λ / LOGSNR_SCALE ∈ [-1, 1] for every schedule (config.LOGSNR_LIMIT)
 
 
-def group_count(channels: int, max_groups: int = 32) -> int:
+def group_count(channels: int, max_groups: int) -> int:
     """Largest divisor of `channels` that is ≤ max_groups (GroupNorm needs groups | channels)."""
     for g in range(min(max_groups, channels), 0, -1):
         if channels % g == 0:
@@ -182,7 +182,8 @@ def set_activation_checkpointing(module: nn.Module, enabled: bool) -> int:
 
 # ------------------------------------------------------------------------------------------ conv blocks
 class ResBlock(RecomputableBlock):
-    """Pre-activation residual block GN-SiLU-conv, [FiLM from the noise embedding], GN-SiLU-dropout-conv.
+    """Pre-activation residual block GN-SiLU-conv, [FiLM from the noise embedding], GN-SiLU-dropout-conv; each GN
+    has at most `norm_groups` groups (`model.norm_groups`).
 
     With `cond_dim` the second norm is modulated h·(1 + scale) + shift (FiLM, zero-initialised) and the last
     conv is zero-initialised so the block starts as the identity (diffusion nets). Without it (the encoder)
@@ -190,11 +191,11 @@ class ResBlock(RecomputableBlock):
     """
 
     def __init__(self, dims: int, c_in: int, c_out: int, cond_dim: int = 0, dropout: float = 0.0,
-                 temporal_kernel: int = 3):
+                 temporal_kernel: int = 3, norm_groups: int = 32):
         super().__init__()
-        self.norm1 = nn.GroupNorm(group_count(c_in), c_in)
+        self.norm1 = nn.GroupNorm(group_count(c_in, norm_groups), c_in)
         self.conv1 = conv(dims, c_in, c_out, temporal_kernel=temporal_kernel)
-        self.norm2 = nn.GroupNorm(group_count(c_out), c_out, affine=cond_dim == 0)
+        self.norm2 = nn.GroupNorm(group_count(c_out, norm_groups), c_out, affine=cond_dim == 0)
         self.film = zero_(nn.Linear(cond_dim, 2 * c_out)) if cond_dim else None
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv(dims, c_out, c_out, temporal_kernel=temporal_kernel)
