@@ -126,6 +126,14 @@ def test_configs_saved_by_earlier_versions_load():
     assert config_from_dict(saved) == load_config(ROOT / "params.yaml")
 
 
+def test_a_saved_config_without_a_later_key_rebuilds_the_nets_it_trained():
+    """model.norm_groups came with default 8; nets saved before it had 32 groups and must load as they were."""
+    saved = load_config(ROOT / "params.yaml").to_dict()
+    assert saved["model"]["norm_groups"] == 8 and config_from_dict(saved).model.norm_groups == 8
+    del saved["model"]["norm_groups"]
+    assert config_from_dict(saved).model.norm_groups == 32
+
+
 @pytest.mark.parametrize("argv", [
     ["-m", "ulcore.cli", "config", "--set", "model.logsnr_0=99"],
     ["-m", "ulcore.cli", "sample", "--set", "stage1.loss_factor=-1"],

@@ -348,6 +348,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 # ignored, with why. Any other unknown key is an error.
 RETIRED_KEYS = {"encode.samples_per_shard": "never had an effect: one latent shard per image shard",
                 "tracking.alias": "training sets tracking.candidate_alias; tracking.champion_alias moves on promotion"}
+# Keys added later whose default is not what configs saved before them ran with: a saved config without the key
+# rebuilds its nets as they were trained.
+STORED_DEFAULTS = {("model", "norm_groups"): 32}  # the encoder's and decoder's GroupNorms were GN(32) before the key
 
 
 def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
@@ -585,6 +588,8 @@ def _validate_train(name: str, t: TrainConfig, num_workers: int) -> None:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from its `to_dict()` form (as stored in checkpoints and exports)."""
     values = dict(values)
+    for (section, key), value in STORED_DEFAULTS.items():
+        values[section] = {key: value, **(values.get(section) or {})}
     preset = values.pop("preset", "tiny")
     hints = typing.get_type_hints(Config)
     sections = {name: _build_section(name, hints[name], values.get(name, {})) for name in SECTIONS}
