@@ -23,13 +23,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # off (ancestral, 16 held-out clips, seed 0).
         "model": {"frames": 8, "temporal_downsample": 2, "latent_channels": 4, "temporal_kernel": 1,
                   "norm_groups": 32},
-        # stage 1: 1,024 steps of 2 clips at lr 4e-3, c_lf 20, EMA half-life 512: 17.97 dB at 0.129 bits/pixel
-        # (32 DDIM steps, one process; 2,560 clips gave 18.37 but the pipeline 10 min 13 s). The first preset, 512
+        # stage 1: 1,280 steps of 2 clips at lr 4e-3, c_lf 20, EMA half-life 512: 18.37 dB at 0.114 bits/pixel
+        # (32 DDIM steps, one process; 2,048 clips: 17.97). With the fused optimiser the pipeline takes 9 min 11 s at
+        # 2,560 clips in a slow hour (7 min 45 s at 2,048, PSNR 18.65 against 18.4). The first preset, 512
         # steps of 4 at lr 2e-3, c_lf 5, EMA 1,024 (3x3x3 convs), gave 12.37 dB, below a clip against an unrelated
         # clip (14.3). Each knob's share and the seed spread: README, video preset.
         # One checkpoint, at the end: each costs an EMA monitor (16 clips, 32 DDIM steps) in a ~3 min stage.
-        "stage1": {"batch_size": 2, "lr": 4e-3, "loss_factor": 20.0, "total_samples": 2048, "warmup_samples": 256,
-                   "log_every_samples": 256, "ckpt_every_samples": 2048, "eval_batch": 16,
+        "stage1": {"batch_size": 2, "lr": 4e-3, "loss_factor": 20.0, "total_samples": 2560, "warmup_samples": 256,
+                   "log_every_samples": 256, "ckpt_every_samples": 2560, "eval_batch": 16,
                    "ema_halflife_samples": 512},
         "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16},
