@@ -191,7 +191,7 @@ class ResBlock(RecomputableBlock):
     """
 
     def __init__(self, dims: int, c_in: int, c_out: int, cond_dim: int = 0, dropout: float = 0.0,
-                 temporal_kernel: int = 3, norm_groups: int = 32):
+                 temporal_kernel: int = 3, *, norm_groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(group_count(c_in, norm_groups), c_in)
         self.conv1 = conv(dims, c_in, c_out, temporal_kernel=temporal_kernel)
