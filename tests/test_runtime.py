@@ -22,7 +22,9 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ("import ray; from ulcore.config import RayConfig; from ulcore.runtime import ensure_ray; "
           "ensure_ray(RayConfig(num_cpus=1, address={address!r})); "
-          "print('GCS', ray.get_runtime_context().gcs_address, flush=True); ray.shutdown()")
+          "print('GCS', ray.get_runtime_context().gcs_address, flush=True); "
+          "import os; print('NICE', ray.get(ray.remote(lambda: os.nice(0)).remote()), os.nice(0), flush=True); "
+          "ray.shutdown()")
 
 
 def _driver(env: dict[str, str], address: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
@@ -66,6 +68,8 @@ def test_local_runs_ignore_other_and_dead_clusters_and_named_ones_fail_fast():
         assert "[ray] started a local Ray instance" in live.stdout
         assert f"GCS {head_address}" not in live.stdout  # not hijacked by the machine's `ray start` cluster
         assert "Found multiple active Ray instances" not in live.stdout + live.stderr
+        worker_nice, driver_nice = live.stdout.split("NICE ", 1)[1].split()[:2]
+        assert worker_nice == driver_nice  # not Ray's nice 15: other processes would preempt training (runtime.py)
 
         # RAY_ADDRESS is for `ray job` commands (make cluster's env file sets it): a stage joins only ray.address
         beside = _driver({**env, "RAY_ADDRESS": head_address})
