@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from ulcore import jobs
 from ulcore.config import load_config
 from ulcore.data.sharding import run_shard
+from ulcore.runtime import free_port_block
 from ulcore.train.stage1 import run_stage1
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def cluster_env(path: Path) -> dict[str, str]:
 
 
 def start_cluster(folder: Path) -> dict[str, str]:
-    base = random.randrange(30000, 39000, 100)
+    base = free_port_block(306)
     ports = {"RAY_NODE_PORT_BASE": base, "RAY_PORT": base + 300, "RAY_DASHBOARD_PORT": base + 301,
              "RAY_CLIENT_PORT": base + 302, "S3_PORT": base + 303, "PG_PORT": base + 304, "MLFLOW_PORT": base + 305}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "CLUSTER_DIR": str(folder),

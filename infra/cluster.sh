@@ -84,19 +84,44 @@ alive_nodes() {  # how many nodes the head reports alive (0 while it does not an
     2>/dev/null || echo 0
 }
 
+node_ports_free() {  # name index: fail naming the first of the node's fixed ports something already holds. A
+  # raylet whose port is taken (even by an outgoing connection's local end) dies at start and `ray start` only says
+  # "timed out during startup", so the ports are checked before anything starts.
+  local name=$1 base=$((RAY_NODE_PORT_BASE + 100 * $2)) i
+  local roles=(node-manager object-manager dashboard-agent-listen dashboard-agent-grpc runtime-env-agent metrics-export)
+  for i in "${!roles[@]}"; do
+    if held $((base + i)); then
+      echo "error: port $((base + i)) ($name's ${roles[$i]} port, RAY_NODE_PORT_BASE + $((100 * $2 + i))) is in use:" \
+        "set RAY_NODE_PORT_BASE to a free block of 300 ports below the ephemeral range" \
+        "($(tr '\t' '-' </proc/sys/net/ipv4/ip_local_port_range))" >&2
+      return 1
+    fi
+  done
+}
+
+raylet_fatal() {  # name: the first fatal line of the node's last raylet log, if it wrote one
+  grep -h -m 1 -o 'Check failed.*' "$CLUSTER_DIR/$1/tmp/session_latest/logs/raylet.out" 2>/dev/null | cut -c 1-300
+}
+
 start_node() {  # name index count args...: start a node and wait until `count` nodes are alive. A raylet exits
   # when its dashboard agent has not come up within ~15 s, which a loaded 2-core machine can exceed: one retry.
-  local name=$1 index=$2 count=$3 attempt deadline; shift 3
+  local name=$1 index=$2 count=$3 attempt deadline fatal; shift 3
   for attempt in 1 2; do
     ray_node "$name" "$index" "$@"
     deadline=$((SECONDS + 120))
     while running "ray-$name" && [ "$(alive_nodes)" -lt "$count" ] && [ $SECONDS -lt $deadline ]; do sleep 1; done
     if [ "$(alive_nodes)" -ge "$count" ]; then return 0; fi
     stop "ray-$name" TERM >/dev/null
-    echo "Ray node $name did not come up (attempt $attempt; log: $CLUSTER_DIR/ray-$name.log)" >&2
+    fatal=$(raylet_fatal "$name")
+    [ -n "$fatal" ] && fatal="; raylet: $fatal"
+    echo "Ray node $name did not come up (attempt $attempt; log: $CLUSTER_DIR/ray-$name.log)$fatal" >&2
   done
   echo "error: Ray node $name failed to start twice (log: $CLUSTER_DIR/ray-$name.log)" >&2
   return 1
+}
+
+ray_ports_free() {  # every node's fixed ports, before anything starts
+  node_ports_free head 0 && node_ports_free worker1 1 && node_ports_free worker2 2
 }
 
 ray_up() {  # the head, then the two worker nodes
@@ -131,6 +156,7 @@ ray_down() {
 restart_ray() {  # a new Ray cluster (new session, nothing of the old one's state) on the same S3 and MLflow server
   if ! running s3 || ! running mlflow-server; then echo "error: the cluster is not up (bash $0 up)" >&2; exit 1; fi
   ray_down
+  ray_ports_free || exit 1
   ray_up
   status
 }
@@ -139,8 +165,9 @@ up() {
   if running ray-head; then echo "the cluster is already up (bash infra/cluster.sh down first)" >&2; exit 1; fi
   local port
   for port in "$RAY_PORT" "$RAY_DASHBOARD_PORT" "$RAY_CLIENT_PORT" "$S3_PORT" "$PG_PORT" "$MLFLOW_PORT"; do
-    if listening "$port"; then echo "error: port $port is in use; set another (see the header of $0)" >&2; exit 1; fi
+    if held "$port"; then echo "error: port $port is in use; set another (see the header of $0)" >&2; exit 1; fi
   done
+  ray_ports_free || exit 1
 
   start s3 moto_server -H 127.0.0.1 -p "$S3_PORT"
 

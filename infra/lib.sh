@@ -35,3 +35,8 @@ stop() {  # name signal: signal the process group, wait up to 20 s, then SIGKILL
 listening() {  # port: true when something listens on it (any address)
   ss -Htln "sport = :$1" 2>/dev/null | grep -q .
 }
+
+held() {  # port: true when a live TCP socket of this machine holds it: a listener or an open connection's local
+  # end (a closing one left by a stopped server does not stop a new one binding it)
+  ss -Htan state listening state established state syn-sent state syn-recv "sport = :$1" 2>/dev/null | grep -q .
+}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -104,3 +105,22 @@ def test_driver_settings_are_ones_ray_train_hands_to_its_controller_and_workers(
 
     assert set(DRIVER_ENV) <= ENV_VARS_TO_PROPAGATE, set(DRIVER_ENV) - ENV_VARS_TO_PROPAGATE
     assert 0 < float(DRIVER_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) < DEFAULT_HEALTH_CHECK_INTERVAL_S
+
+
+def test_a_port_block_is_free_and_outside_the_ephemeral_range(tmp_path, monkeypatch):
+    """Ports the kernel may give an outgoing connection are avoided; a machine whose range leaves no room still
+    gets a free block."""
+    from ulcore import runtime
+
+    base = runtime.free_port_block(306)
+    low, high = runtime.ephemeral_port_range()
+    assert base + 306 <= low or base > high
+    for port in range(base, base + 306):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    whole = tmp_path / "range"
+    whole.write_text("1024\t65535\n")
+    assert runtime.ephemeral_port_range(whole) == (1024, 65535)
+    assert runtime.ephemeral_port_range(tmp_path / "missing") == (32768, 60999)
+    monkeypatch.setattr(runtime, "ephemeral_port_range", lambda: (1024, 65535))
+    assert 10000 <= runtime.free_port_block(10) <= 65526

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 from pathlib import Path
 
@@ -110,6 +111,38 @@ def _free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ephemeral_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The ports the kernel hands to outgoing connections (Linux's default where the file is unreadable)."""
+    try:
+        low, high = (int(v) for v in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(size: int, *, first: int = 10000, step: int = 100, tries: int = 200) -> int:
+    """The first of `size` consecutive loopback ports that are free now and, where the machine leaves room, outside
+    the ephemeral range: a port the kernel may give any outgoing connection can be taken between this check and a
+    server's bind, and a Ray raylet whose port is taken dies at start ("Failed to start the grpc server")."""
+    low, high = ephemeral_port_range()
+    bases = range(first, 65536 - size, step)
+    outside = [b for b in bases if b + size <= low or b > high]
+    candidates = outside or list(bases)
+    for base in random.sample(candidates, min(tries, len(candidates))):
+        if all(_bindable(p) for p in range(base, base + size)):
+            return base
+    raise RuntimeError(f"no {size} consecutive free loopback ports from {first} (ephemeral range {low}-{high})")
 
 
 def ensure_ray(ray_cfg: RayConfig) -> None:

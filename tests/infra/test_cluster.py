@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -23,6 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
+from ulcore.runtime import free_port_block
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,24 +35,11 @@ def _listened(port: int) -> bool:
     return any(c.laddr.port == port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return not _listened(port)
-
-
 def _ports() -> dict[str, str]:
-    """Six service ports and a block of 300 node ports, all free now."""
-    for _ in range(50):
-        base = random.randrange(30000, 39000, 100)
-        singles = [base + 300 + i for i in range(6)]
-        if all(_free(p) for p in [*range(base, base + 300), *singles]):
-            names = ("RAY_PORT", "RAY_DASHBOARD_PORT", "RAY_CLIENT_PORT", "S3_PORT", "PG_PORT", "MLFLOW_PORT")
-            return {"RAY_NODE_PORT_BASE": str(base), **{n: str(p) for n, p in zip(names, singles)}}
-    raise RuntimeError("no free block of ports for the cluster")
+    """Six service ports and a block of 300 node ports, all free now and outside the ephemeral range."""
+    base = free_port_block(306)
+    names = ("RAY_PORT", "RAY_DASHBOARD_PORT", "RAY_CLIENT_PORT", "S3_PORT", "PG_PORT", "MLFLOW_PORT")
+    return {"RAY_NODE_PORT_BASE": str(base), **{n: str(base + 300 + i) for i, n in enumerate(names)}}
 
 
 def _cluster(env: dict[str, str], action: str, timeout: float) -> subprocess.CompletedProcess:
@@ -448,3 +436,18 @@ def test_down_leaves_nothing_running(cluster):
     assert not [k for k in ("RAY_PORT", "RAY_DASHBOARD_PORT", "S3_PORT", "PG_PORT", "MLFLOW_PORT")
                 if _listened(int(ports[k]))]
     assert not list(folder.glob("*.pid"))
+
+
+def test_a_held_node_port_is_named_before_anything_starts(tmp_path):
+    """A raylet whose port is taken, even by an outgoing connection's local end, dies at start and `ray start` only
+    says "timed out during startup": `up` checks every node's fixed ports first and names the one that is held."""
+    ports = _ports()
+    held_port = int(ports["RAY_NODE_PORT_BASE"]) + 100  # worker1's node-manager port
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.socket() as client:
+        client.bind(("127.0.0.1", held_port))
+        client.connect(server.getsockname())
+        env = {**os.environ, **ports, "CLUSTER_DIR": str(tmp_path), "BIN": str(BIN)}
+        up = _cluster(env, "up", timeout=60)
+    assert up.returncode == 1
+    assert f"port {held_port} (worker1's node-manager port" in up.stderr, up.stderr
+    assert not list(tmp_path.glob("*.pid")) and not list(tmp_path.glob("*.log"))
