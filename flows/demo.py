@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Unified Latents demo: preset {cfg.preset}, storage root {Path(cfg.storage.root).resolve()}, "
           f"config {cfg.digest()}\nRunning raw_manifest -> shard -> reference -> stage1 -> encode -> stage2 -> "
           "evaluate -> promote through Prefect (ephemeral API; the first start takes ~10 s)...", flush=True)
+    from flows._cli import start_local_services
     from flows.pipeline import ul
 
     start = time.perf_counter()
+    start_local_services(cfg)
     state = ul(params=args.params, overrides=args.overrides, return_state=True)
     if not state.is_completed():
         print(f"error: the pipeline finished in state {state.type.value}: {state.message}", file=sys.stderr)

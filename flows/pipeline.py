@@ -95,4 +95,4 @@ def ul(params: str = "params.yaml", overrides: list[str] = []) -> dict[str, Any]
 if __name__ == "__main__":
     from flows._cli import main
 
-    main(ul)
+    main(ul, services=True)
