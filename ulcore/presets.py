@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # One checkpoint, at the end: each costs an EMA monitor (16 clips, 32 DDIM steps) in a ~3 min stage.
         "stage1": {"batch_size": 2, "lr": 4e-3, "loss_factor": 20.0, "total_samples": 2560, "warmup_samples": 256,
                    "log_every_samples": 256, "ckpt_every_samples": 2560, "eval_batch": 16,
-                   "ema_halflife_samples": 512},
+                   "ema_halflife_samples": 512, "decay_fraction": 0.0},  # the LR cool-down is measured on images only
         "stage2": {"batch_size": 16, "total_samples": 2048, "warmup_samples": 256, "log_every_samples": 256,
                    "ckpt_every_samples": 1024, "eval_batch": 16},
         "eval": {"num_samples": 32, "reference_samples": 32, "batch_size": 16, "grid_size": 16,
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "decoder_depth": 8, "decoder_shift": 2 * math.log(64 / 512), "norm_groups": 32,
                   "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
         "stage1": {"batch_size": 256, "lr": 1e-4, "warmup_samples": 2_560_000, "total_samples": 128_000_000,
-                   "ema_halflife_samples": 10_000_000, "loss_factor": 1.5, "decoder_bias": -3.0,
+                   "decay_fraction": 0.0, "ema_halflife_samples": 10_000_000, "loss_factor": 1.5, "decoder_bias": -3.0,
                    "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000, "eval_steps": 64,
                    "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.9 GiB peak, 22.7 samples/s;
         # without recompute it runs out of memory (> 139 GiB)
@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "decoder_shift": 2 * math.log(64 / 128), "norm_groups": 32,
                   "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
         "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
-                   "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
+                   "decay_fraction": 0.0, "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
                    "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000,
                    "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.4 GiB peak, 20.6 samples/s,
         # measured with the previous 4x8x8 latent grid: to be re-measured (benchmarks/step.py --device cuda)

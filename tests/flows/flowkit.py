@@ -44,6 +44,7 @@ SMOKE = [
     "eval.num_samples=32", "eval.batch_size=16", "eval.base_steps=4", "eval.decoder_steps=4", "eval.grid_size=16",
     "eval.reference_samples=32",
     "stage1.loss_factor=3.0",  # the c_lf the e2e gates' margins (scheduled retrain) were measured with
+    "stage1.decay_fraction=0",  # and the constant LR after the warm-up
     "ray.num_cpus=2",
 ]
 

@@ -200,6 +200,23 @@ def test_warmup_is_linear_in_samples_and_the_scheduler_follows_it():
     assert seen == pytest.approx([t.lr * f for f in (0.25, 0.5, 0.75, 1.0, 1.0)])
 
 
+def test_cooldown_is_linear_to_zero_over_the_last_fraction_after_the_warmup():
+    from ulcore.config import ConfigError
+    from ulcore.config import load_config as load
+    from ulcore.train.loop import lr_at
+
+    short = ["stage1.batch_size=16", "stage1.warmup_samples=32", "stage1.total_samples=160"]
+    t = load(None, [*short, "stage1.decay_fraction=0.5"]).stage1  # half of the 128 samples after the warm-up
+    assert [lr_at(16 * k, t) for k in range(10)] == [0.5] + [1.0] * 6 + [0.75, 0.5, 0.25]
+    flat = load(None, [*short, "stage1.decay_fraction=0"]).stage1
+    assert [lr_at(16 * k, flat) for k in range(10)] == [0.5] + [1.0] * 9
+    whole = load(None, [*short, "stage1.decay_fraction=1"]).stage1  # from the warm-up's end on
+    assert [lr_at(16 * k, whole) for k in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ConfigError, match=rf"stage1.decay_fraction = {bad}: must lie in \[0, 1\]"):
+            load(None, [*short, f"stage1.decay_fraction={bad}"])
+
+
 def test_activation_checkpointing_does_not_change_the_run_identity():
     from ulcore.train.loop import run_digest
     from ulcore.train.stage1 import SPEC

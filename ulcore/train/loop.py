@@ -76,10 +76,13 @@ def run_digest(cfg: Config, spec: StageSpec, inputs_digest: str, warm: warm_star
 
 
 def lr_at(samples: int, t: TrainConfig) -> float:
-    """Linear warm-up to the peak LR over `warmup_samples`, then constant (edm2 keeps LR flat for short runs)."""
-    if t.warmup_samples == 0:
-        return 1.0
-    return min(1.0, (samples + t.batch_size) / t.warmup_samples)
+    """The LR multiplier of the step that starts at `samples`: linear warm-up to the peak over `warmup_samples`,
+    then constant (edm2 keeps LR flat for short runs), then, with `decay_fraction`, a linear cool-down over that
+    fraction of the samples after the warm-up, D of them: the step starting k samples before the end trains at k / D
+    (the last one above zero)."""
+    warm = min(1.0, (samples + t.batch_size) / t.warmup_samples) if t.warmup_samples else 1.0
+    decay = t.decay_fraction * (t.total_samples - t.warmup_samples)
+    return min(warm, (t.total_samples - samples) / decay) if decay else warm
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
