@@ -72,8 +72,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "decoder_shift": 2 * math.log(64 / 128), "norm_groups": 32,
                   "base_widths": (512, 1024), "base_depths": (6, 16), "heads": 16, "dropout": 0.1},
         "stage1": {"batch_size": 256, "lr": 1e-4, "total_samples": 64_000_000, "loss_factor": 1.5,
-                   "decay_fraction": 0.0, "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
-                   "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000,
+                   "decoder_bias": -3.0, "warmup_samples": 2_560_000, "ema_halflife_samples": 10_000_000,
+                   "decay_fraction": 0.0, "log_every_samples": 25_600, "ckpt_every_samples": 2_560_000,
                    "activation_checkpointing": True},  # 32/GPU bf16, H200: 32.4 GiB peak, 20.6 samples/s,
         # measured with the previous 4x8x8 latent grid: to be re-measured (benchmarks/step.py --device cuda)
         "stage2": {"batch_size": 512, "lr": 1e-4, "total_samples": 256_000_000,
