@@ -108,11 +108,11 @@ def test_gate_sequence_moves_the_four_nets_together_and_rollback_walks_back(cfg)
     write_eval(cfg, a.versions, gfid=30.0, psnr=21.0)
     assert promotion.run_promote(cfg)["promoted"]
 
-    b = register_lineage(cfg)  # 1 % better: not enough
+    b = register_lineage(cfg)  # 1 % better: not enough (the default gate asks for 5 %)
     write_eval(cfg, b.versions, gfid=29.7, psnr=21.0)
     assert not promotion.run_promote(cfg)["promoted"]
     doc = _promotion_json(cfg)
-    assert doc["reason"].startswith("rejected: gfid 29.7 vs champion 30: 1.00% better, promotion needs >= 2.00%")
+    assert doc["reason"].startswith("rejected: gfid 29.7 vs champion 30: 1.00% better, promotion needs >= 5.00%")
     assert doc["champion"] == {"gfid": 30.0, "psnr": 21.0, "rfid": 5.0} and doc["candidate"]["gfid"] == 29.7
     assert champion_versions(cfg) == a.versions
     c = tracking.client(tracking.tracking_uri(cfg))

@@ -221,7 +221,10 @@ GATE_METRICS = {"gfid": "lower", "rfid": "lower", "fvd": "lower", "psnr": "highe
 @dataclass(frozen=True)
 class PromoteConfig:
     metric: str = "gfid"  # the metrics/eval.json number a candidate must improve on the champion's
-    min_improvement: float = 0.02  # by at least this fraction of the champion's value (0.02: gFID 2 % lower)
+    min_improvement: float = 0.05  # by at least this fraction of the champion's value (0.05: gFID 5 % lower). tiny
+    # (N = 200): one model's gFID over four evaluation seeds 217.4-226.8 (sd 4.9); two stage-2 training seeds'
+    # paired difference under the same seed has sd 4.0, ~1.8 %, so at 2 % a candidate no better than the champion
+    # passes ~1 time in 7, at 5 % (~2.8 sd) ~1 in 350. The paper presets keep 2 % (README "Promotion")
     guards: dict[str, float] = field(default_factory=lambda: {"psnr": 0.2})  # metric -> largest allowed worsening
 
 

@@ -184,7 +184,7 @@ def test_scheduled_retrain_fires_by_itself_drops_overlaps_and_gates_promotion(st
     the deployment's concurrency limit, not queued; the first trigger after it finds nothing new and ends at once.
     The candidate trains for 32 samples per stage instead of 128, one step of 32 (a tenth is no multiple of the
     batch): measured at this scale, gFID 484 vs 464-467 and PSNR 6.2 vs 6.7-6.8 dB (two seeds), so the default gate
-    (gFID 2 % lower, PSNR at most 0.2 dB lower) keeps the champion, and metrics/promotion.json and MLflow say why."""
+    (gFID 5 % lower, PSNR at most 0.2 dB lower) keeps the champion, and metrics/promotion.json and MLflow say why."""
     import mlflow
 
     project, env = stack
@@ -222,7 +222,7 @@ def test_scheduled_retrain_fires_by_itself_drops_overlaps_and_gates_promotion(st
     candidate, kept = promotion["candidate"], promotion["champion"]
     assert promotion["promoted"] is False and promotion["reason"].startswith(
         f"rejected: gfid {candidate['gfid']:.6g} vs champion {kept['gfid']:.6g}: "), promotion
-    assert "% worse, promotion needs >= 2.00% better (lower)" in promotion["reason"], promotion
+    assert "% worse, promotion needs >= 5.00% better (lower)" in promotion["reason"], promotion
     assert "champion re-evaluated under protocol" in promotion["reason"], promotion  # new data, new references
     assert candidate["psnr"] < kept["psnr"] - 0.2, promotion  # worse on the guard too, not only by chance on gFID
     assert {n: client.get_model_version_by_alias(f"ul-{n}", "champion").version for n in champion} == champion

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 BITS_TOL = 0.002  # bits/pixel; the tiny preset's latent carries ~0.08
 PSNR_TOL = 0.1  # dB
-FID_TOL = 5.0  # FID points: the spread of FID between sample sets at N = 100-200 is several points
+FID_TOL = 10.0  # FID points. Measured at N = 200: one model's gFID over four evaluation seeds has sd 4.9
+# (217.4-226.8), so two gFIDs from separate sample sets differ with sd ~7; 5 would call 0.7 sd a difference
 COLLAPSE_RATIO = 0.5  # λ(0) = 10 "collapses" the rate: at most half of λ(0) = 5's (the paper: 0.14)
 
 LOSS_FACTOR_CLAIM = "UL Table 2: bits/pixel and PSNR rise with the loss factor c_lf"
